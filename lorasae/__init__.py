@@ -1,0 +1,1 @@
+"""lorasae core: model and SAE loading, splicing, corpus, metrics, adapter manifest."""

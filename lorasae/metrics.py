@@ -1,0 +1,179 @@
+"""Held-out metrics of a model with SAEs spliced in (and optionally a LoRA adapter): CE, KL, L0, FVU.
+
+Definitions (see METHOD.md):
+- ``ce_*`` mean next-token cross-entropy in nats over all predicted positions;
+- ``ce_gap = ce_spliced - ce_clean``; ``gap_closed = (ce_spliced - ce_adapted_spliced) / ce_gap``;
+- ``ce_loss_score = (ce_zero_ablation - ce_spliced) / (ce_zero_ablation - ce_clean)`` (sae-lens);
+- ``kl_spliced``: KL(clean || spliced) of next-token distributions, mean per token;
+- per SAE: ``l0`` (mean non-zero latents per token), ``explained_variance`` (1 - FVU over all spliced
+  tokens, i.e. every position but the kept first/BOS one), ``dead_latents`` (never active on the
+  evaluated tokens).
+With several SAEs, the top-level CE numbers splice all of them at once; each SAE's entry also has its
+own ``ce_spliced`` (only that SAE spliced) and, with an adapter, its own ``ce_adapted_spliced``/
+``gap_closed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorasae.saes import LoadedSAE
+from lorasae.splice import Splice, zero_ablation
+
+
+def next_token_logprobs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of the logits at positions 0..T-2 (those that predict a next token), float32."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def token_ce(logprobs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position CE ``[B, T-1]`` of the next tokens under ``logprobs``."""
+    return -logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def kl_per_token(logp_ref: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || q) per position, ``[B, T-1]``."""
+    return (logp_ref.exp() * (logp_ref - logq)).sum(-1)
+
+
+@dataclass
+class _SaeStats:
+    """Running sums for one SAE over evaluated tokens (excluding the kept first position)."""
+
+    d_sae: int
+    tokens: int = 0
+    l0_sum: float = 0.0
+    err_sum: float = 0.0
+    x_sum: torch.Tensor | None = None
+    x_sq_sum: float = 0.0
+    fired: torch.Tensor | None = None
+
+    def update(self, record, skip_first: bool) -> None:
+        start = 1 if skip_first else 0
+        x = record.sae_in[:, start:].float().reshape(-1, record.sae_in.shape[-1])
+        z = record.latents[:, start:].reshape(-1, record.latents.shape[-1])
+        err = record.error_sq()[:, start:].float()
+        self.tokens += x.shape[0]
+        self.l0_sum += float((z != 0).sum())
+        self.err_sum += float(err.sum())
+        self.x_sq_sum += float(x.pow(2).sum())
+        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
+        fired = (z != 0).any(0)
+        self.fired = fired if self.fired is None else self.fired | fired
+
+    def result(self) -> dict:
+        mean = self.x_sum / self.tokens
+        total_var = self.x_sq_sum - self.tokens * float(mean.pow(2).sum())
+        return {
+            "l0": self.l0_sum / self.tokens,
+            "explained_variance": 1.0 - self.err_sum / total_var,
+            "dead_latents": int(self.d_sae - int(self.fired.sum())),
+            "mse_per_token": self.err_sum / self.tokens,
+        }
+
+
+@dataclass
+class _Sums:
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self.values[key] = self.values.get(key, 0.0) + float(tensor.sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tensor,
+             batch_size: int = 8, keep_first: bool = True, adapter: bool = False,
+             progress: bool = True) -> dict:
+    """Held-out metrics on ``sequences`` (``[N, T]`` token ids; each row a packed sequence).
+
+    With ``adapter`` the model is a peft model whose active adapter is evaluated; clean, spliced and
+    zero-ablation numbers are taken with the adapter disabled, so everything comes from one copy of
+    the weights.
+    """
+    device = next(model.parameters()).device
+    disabled = model.disable_adapter if adapter else contextlib.nullcontext
+    sums = _Sums()
+    stats = {s.layer: _SaeStats(s.d_sae) for s in saes}
+    multi = len(saes) > 1
+    n_pred = 0
+    batches = range(0, sequences.shape[0], batch_size)
+    for start in tqdm(batches, desc="evaluating", leave=False, disable=not progress):
+        ids = sequences[start:start + batch_size].to(device)
+        n_pred += ids.shape[0] * (ids.shape[1] - 1)
+        with disabled():
+            clean = next_token_logprobs(model, ids)
+            sums.add("ce_clean", token_ce(clean, ids))
+            with Splice(model, saes, keep_first, record=True) as splice:
+                spliced = next_token_logprobs(model, ids)
+            for layer, record in splice.records.items():
+                stats[layer].update(record, keep_first)
+            sums.add("ce_spliced", token_ce(spliced, ids))
+            sums.add("kl_spliced", kl_per_token(clean, spliced))
+            del spliced
+            with zero_ablation(model, [s.layer for s in saes], keep_first):
+                sums.add("ce_zero_ablation", token_ce(next_token_logprobs(model, ids), ids))
+            if multi:
+                for sae in saes:
+                    with Splice(model, [sae], keep_first):
+                        sums.add(f"{sae.layer}/ce_spliced",
+                                 token_ce(next_token_logprobs(model, ids), ids))
+        if adapter:
+            with Splice(model, saes, keep_first):
+                adapted = next_token_logprobs(model, ids)
+            sums.add("ce_adapted_spliced", token_ce(adapted, ids))
+            sums.add("kl_adapted_spliced", kl_per_token(clean, adapted))
+            del adapted
+            sums.add("ce_adapted_clean", token_ce(next_token_logprobs(model, ids), ids))
+            if multi:
+                for sae in saes:
+                    with Splice(model, [sae], keep_first):
+                        sums.add(f"{sae.layer}/ce_adapted_spliced",
+                                 token_ce(next_token_logprobs(model, ids), ids))
+    mean = {k: v / n_pred for k, v in sums.values.items()}
+    return _summarise(mean, saes, stats, n_pred, adapter, keep_first)
+
+
+def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) -> dict:
+    out = {"ce_spliced": ce_spliced, "ce_gap": ce_spliced - ce_clean}
+    if ce_adapted is not None:
+        out["ce_adapted_spliced"] = ce_adapted
+        gap = ce_spliced - ce_clean
+        out["gap_closed"] = (ce_spliced - ce_adapted) / gap if gap > 0 else None
+    return out
+
+
+def _summarise(mean: dict, saes: Sequence[LoadedSAE], stats: dict, n_pred: int, adapter: bool,
+               keep_first: bool) -> dict:
+    ce_clean, ce_zero = mean["ce_clean"], mean["ce_zero_ablation"]
+    out: dict = {"ce_clean": ce_clean}
+    out.update(_gap_fields(ce_clean, mean["ce_spliced"], mean.get("ce_adapted_spliced")))
+    if adapter:
+        out["ce_adapted_clean"] = mean["ce_adapted_clean"]
+        out["kl_adapted_spliced"] = mean["kl_adapted_spliced"]
+    out["ce_zero_ablation"] = ce_zero
+    denom = ce_zero - ce_clean
+    out["ce_loss_score"] = (ce_zero - mean["ce_spliced"]) / denom if denom else None
+    out["kl_spliced"] = mean["kl_spliced"]
+    per_sae = []
+    for sae in saes:
+        entry = {"id": sae.sae_id, "hook_name": sae.hook_name, "layer": sae.layer,
+                 "d_sae": sae.d_sae, **stats[sae.layer].result()}
+        if len(saes) > 1:
+            entry.update(_gap_fields(ce_clean, mean[f"{sae.layer}/ce_spliced"],
+                                     mean.get(f"{sae.layer}/ce_adapted_spliced")))
+        per_sae.append(entry)
+    out["l0"] = sum(e["l0"] for e in per_sae) / len(per_sae)
+    out["explained_variance"] = sum(e["explained_variance"] for e in per_sae) / len(per_sae)
+    out["dead_latents"] = sum(e["dead_latents"] for e in per_sae)
+    out["tokens"] = n_pred
+    out["keep_first_position"] = keep_first
+    out["saes"] = per_sae
+    return out

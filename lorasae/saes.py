@@ -1,0 +1,126 @@
+"""Loading SAEs through sae-lens and mapping their hook names onto transformers decoder layers.
+
+An SAE spec is one of:
+- a local sae-lens folder (``cfg.json`` + ``sae_weights.safetensors``), loaded with ``SAE.load_from_disk``;
+- ``release/sae_id`` from the sae-lens pretrained registry, e.g.
+  ``gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical`` (``SAE.from_pretrained``).
+
+sae-lens names hook points TransformerLens-style; we support the residual stream:
+``blocks.L.hook_resid_post`` is the output of decoder layer ``L`` and ``blocks.L.hook_resid_pre``
+(L >= 1) the output of layer ``L - 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorasae.errors import LorasaeError
+from lorasae.models import decoder_layers, hidden_size
+
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+
+
+@dataclass
+class LoadedSAE:
+    """A frozen sae-lens SAE and where it goes in the model.
+
+    ``layer`` is the index of the decoder layer whose output the SAE reads and replaces.
+    """
+
+    sae: nn.Module
+    sae_id: str
+    hook_name: str
+    layer: int
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+
+def hook_layer(hook_name: str) -> int:
+    """The decoder layer whose output is the residual stream named by ``hook_name``."""
+    match = _RESID.match(hook_name or "")
+    if not match:
+        raise LorasaeError(
+            f"unsupported SAE hook {hook_name!r}: lorasae splices the residual stream "
+            "(blocks.L.hook_resid_post, or blocks.L.hook_resid_pre with L >= 1)"
+        )
+    index, kind = int(match.group(1)), match.group(2)
+    if kind == "pre":
+        if index == 0:
+            raise LorasaeError("unsupported SAE hook 'blocks.0.hook_resid_pre' (the embeddings)")
+        return index - 1
+    return index
+
+
+def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             model: nn.Module | None = None) -> LoadedSAE:
+    """Load an SAE (local folder or ``release/sae_id``), freeze it and, given ``model``, check it fits."""
+    from sae_lens import SAE
+
+    path = Path(spec).expanduser()
+    device = torch.device(device)
+    device = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
+    try:
+        if path.is_dir():
+            sae = SAE.load_from_disk(str(path), device=str(device))
+            sae_id = str(path.resolve())
+        elif "/" in spec and not spec.startswith((".", "/", "~")):
+            release, sae_id_part = spec.split("/", 1)
+            sae = SAE.from_pretrained(release, sae_id_part, device=str(device))
+            sae_id = spec
+        else:
+            raise LorasaeError(
+                f"SAE {spec!r} is neither a local sae-lens folder nor 'release/sae_id'"
+            )
+    except LorasaeError:
+        raise
+    except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LorasaeError(f"cannot load SAE {spec!r}: {first}") from exc
+    if dtype is not None:
+        sae.to(dtype=dtype)
+    sae.eval()
+    sae.requires_grad_(False)
+    hook_name = sae.cfg.metadata.hook_name
+    loaded = LoadedSAE(sae=sae, sae_id=sae_id, hook_name=hook_name, layer=hook_layer(hook_name))
+    if model is not None:
+        check_compatible(loaded, model)
+    return loaded
+
+
+def check_compatible(loaded: LoadedSAE, model: nn.Module) -> None:
+    """Refuse an SAE whose width or layer does not fit the model, with a message saying why."""
+    d_model = hidden_size(model)
+    d_in = int(loaded.sae.cfg.d_in)
+    if d_in != d_model:
+        raise LorasaeError(
+            f"SAE {loaded.sae_id!r} has d_in={d_in} but the model's hidden size is {d_model}"
+        )
+    n_layers = len(decoder_layers(model))
+    if not 0 <= loaded.layer < n_layers:
+        raise LorasaeError(
+            f"SAE {loaded.sae_id!r} hooks {loaded.hook_name} but the model has {n_layers} layers"
+        )
+
+
+def check_distinct_layers(saes: list[LoadedSAE]) -> None:
+    layers = [s.layer for s in saes]
+    if len(set(layers)) != len(layers):
+        raise LorasaeError(f"two SAEs hook the same layer ({layers}); splice one SAE per layer")
+
+
+def sae_fingerprint(sae: nn.Module) -> str:
+    """sha256 (shortened) of the SAE's weights as float32 plus its architecture and hook."""
+    digest = hashlib.sha256()
+    digest.update(f"{sae.cfg.architecture()}:{sae.cfg.metadata.hook_name}".encode())
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

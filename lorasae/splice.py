@@ -1,0 +1,140 @@
+"""Splicing: replace the residual stream after chosen decoder layers during a forward pass.
+
+One mechanism serves training, evaluation and the service: forward hooks on the decoder blocks
+(found through a peft wrapper too) that swap the block's hidden-state output for
+``sae.decode(sae.encode(x))`` (or zeros, for zero ablation). Position 0 (BOS) can be kept unspliced,
+as Gemma Scope's evaluation and the reference code do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorasae.models import decoder_layers
+from lorasae.saes import LoadedSAE, check_distinct_layers
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers 5.x) or a tuple whose first item is the hidden state."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _with_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Tensor | tuple:
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
+@contextmanager
+def replace_outputs(model: nn.Module, replacements: Mapping[int, Replacement],
+                    keep_first: bool = True) -> Iterator[None]:
+    """While active, the hidden output ``x`` of layer ``L`` becomes ``replacements[L](x)``.
+
+    With ``keep_first`` the original activation at position 0 is kept.
+    """
+    layers = decoder_layers(model)
+    handles = []
+
+    def make_hook(fn: Replacement):
+        def hook(_module: nn.Module, _args: tuple, output):
+            x = _hidden(output)
+            new = fn(x).to(x.dtype)
+            if keep_first and new.shape[1] > 0:
+                new = torch.cat([x[:, :1], new[:, 1:]], dim=1)
+            return _with_hidden(output, new)
+        return hook
+
+    try:
+        for layer, fn in replacements.items():
+            handles.append(layers[layer].register_forward_hook(make_hook(fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class SpliceRecord:
+    """What one SAE saw and produced in the last forward: ``[batch, seq, ...]`` tensors."""
+
+    sae_in: torch.Tensor
+    latents: torch.Tensor
+    recon: torch.Tensor
+
+    def error_sq(self) -> torch.Tensor:
+        """Squared L2 reconstruction error per token, ``[batch, seq]``."""
+        return (self.sae_in - self.recon).pow(2).sum(-1)
+
+
+class Splice:
+    """Context manager that splices SAEs into a model; optionally records latents per SAE.
+
+    ``with Splice(model, saes, record=True) as s: model(ids)`` then ``s.records[layer]``.
+    """
+
+    def __init__(self, model: nn.Module, saes: Sequence[LoadedSAE], keep_first: bool = True,
+                 record: bool = False) -> None:
+        check_distinct_layers(list(saes))
+        self.model = model
+        self.saes = list(saes)
+        self.keep_first = keep_first
+        self.record = record
+        self.records: dict[int, SpliceRecord] = {}
+        self._ctx = None
+
+    def _reconstruct(self, loaded: LoadedSAE) -> Replacement:
+        sae = loaded.sae
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            sae_in = x.to(sae.dtype)
+            latents = sae.encode(sae_in)
+            recon = sae.decode(latents)
+            if self.record:
+                self.records[loaded.layer] = SpliceRecord(sae_in.detach(), latents.detach(),
+                                                          recon.detach())
+            return recon
+        return fn
+
+    def __enter__(self) -> Splice:
+        self._ctx = replace_outputs(self.model, {s.layer: self._reconstruct(s) for s in self.saes},
+                                    self.keep_first)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+        self._ctx = None
+
+
+def zero_ablation(model: nn.Module, layers: Sequence[int], keep_first: bool = True):
+    """Context manager replacing the output of ``layers`` by zeros (sae-lens's CE-score baseline)."""
+    return replace_outputs(model, {layer: torch.zeros_like for layer in layers}, keep_first)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def residual_at(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The output of decoder layer ``layer``; the forward stops there (~2x faster for middle layers)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: tuple, output):
+        captured.append(_hidden(output))
+        raise _Stop
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]

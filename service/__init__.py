@@ -1,0 +1,1 @@
+"""The lorasae feature server (FastAPI)."""

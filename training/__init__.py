@@ -1,0 +1,1 @@
+"""Training and evaluation of LoRA adapters and SAEs (the `lorasae` CLI)."""

@@ -1,0 +1,192 @@
+"""The `lorasae` command line: one entry point, one subcommand per job.
+
+Progress goes to stderr; the JSON result is the last thing printed on stdout. Errors print one line
+(``error: ...``) and exit with status 2; set ``LORASAE_DEBUG=1`` to see a traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lorasae.data import DEFAULT_CORPUS
+from lorasae.errors import LorasaeError
+from lorasae.models import DEFAULT_MODEL
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local HF dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="text file/folder or HF dataset id (default: sotu + Wikipedia mix)")
+    p.add_argument("--ctx", type=int, default=128, help="context length of packed sequences")
+
+
+def _write_json(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+    print(text, flush=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lorasae.training.eval import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=args.model, saes=args.sae or [], adapter=args.adapter,
+                     tokens=args.tokens, ctx=args.ctx, batch_size=args.batch_size,
+                     corpus=args.corpus, keep_first=not args.splice_first, device=args.device,
+                     dtype=args.dtype)
+    _write_json(run_eval(cfg), args.out)
+
+
+def cmd_train_sae(args: argparse.Namespace) -> None:
+    from lorasae.models import load_model
+    from lorasae.saes import load_sae
+    from lorasae.training.eval import EvalConfig, run_eval
+    from lorasae.training.train_sae import SaeTrainingConfig, default_sae_dir, train_sae
+
+    cfg = SaeTrainingConfig(layer=args.layer, expansion=args.expansion, k=args.k,
+                            tokens=args.tokens, ctx=args.ctx, epochs=args.epochs, lr=args.lr,
+                            seed=args.seed, corpus=args.corpus)
+    if args.out is None and args.model != DEFAULT_MODEL:
+        raise LorasaeError("--out is required with a non-default --model")
+    out = Path(args.out) if args.out else default_sae_dir(cfg)
+    lm = load_model(args.model, args.device, args.dtype)
+    train_sae(lm, cfg, out)
+    load_sae(str(out), device=lm.device, model=lm.model)  # proves sae-lens loads what we wrote
+    del lm
+    result = run_eval(EvalConfig(model=args.model, saes=[str(out)], ctx=args.ctx,
+                                 corpus=args.corpus, device=args.device, dtype=args.dtype))
+    _write_json({"sae_dir": str(out), **result}, str(out / "eval.json"))
+
+
+def _lora_config(args: argparse.Namespace):
+    from lorasae.training.train_lora import LoraTrainConfig
+
+    return LoraTrainConfig(
+        model=args.model, saes=args.sae or [], rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, target_modules=args.target_modules.split(","), layers=args.layers,
+        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, ctx=args.ctx,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, tokens=args.tokens,
+        max_steps=args.max_steps, max_minutes=args.max_minutes, eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        corpus=args.corpus, keep_first=not args.splice_first, device=args.device, dtype=args.dtype)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lorasae.training.train_lora import train_lora
+
+    metrics = train_lora(_lora_config(args), Path(args.out), resume=args.resume)
+    if "final" in metrics:
+        _write_json({"out": args.out, "train": metrics["train"], "final": metrics["final"]}, None)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from lorasae.training.demo import run_demo
+
+    _write_json(run_demo(minutes=args.minutes), None)
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    from lorasae.training.train_lora import LoraTrainConfig
+
+    d = LoraTrainConfig()
+    p.add_argument("--sae", action="append",
+                   help="SAE to splice and adapt around (repeat for several layers; "
+                        "default: the embedded default SAE)")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--target-modules", default=",".join(d.target_modules))
+    p.add_argument("--layers", choices=["after", "all"], default=d.layers,
+                   help="adapt only the layers after the first SAE (paper's main runs) or all")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per optimizer step (global, whatever the processes/accumulation)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--tokens", type=int, default=d.tokens, help="training token budget")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--splice-first", action="store_true",
+                   help="also splice position 0 (BOS); by default it keeps its clean activation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorasae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="held-out CE gap, KL, L0, explained variance (JSON)")
+    _add_model_args(p)
+    p.add_argument("--sae", action="append",
+                   help="sae-lens folder or release/sae_id; repeat to splice several at once "
+                        "(default: the embedded default SAE, trained on first use)")
+    p.add_argument("--adapter", default=None, help="peft adapter directory to evaluate")
+    p.add_argument("--tokens", type=int, default=16_384, help="held-out tokens to evaluate")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--splice-first", action="store_true",
+                   help="also splice position 0 (BOS); by default it keeps its clean activation")
+    p.add_argument("--out", default="lorasae-eval.json", help="where to write the JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-sae", help="train a TopK SAE on a residual stream (sae-lens format)")
+    _add_model_args(p)
+    p.add_argument("--layer", type=int, default=None, help="decoder layer (default: middle)")
+    p.add_argument("--expansion", type=int, default=8, help="d_sae / d_model")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
+    p.add_argument("--tokens", type=int, default=400_000, help="training activations")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the cache folder of the default SAE)")
+    p.set_defaults(func=cmd_train_sae)
+
+    p = sub.add_parser("train", help="train a LoRA adapter around frozen SAE(s) (the method)")
+    _add_model_args(p)
+    _add_lora_args(p)
+    p.add_argument("--out", required=True, help="adapter directory (peft files + lorasae.json)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="default model + default SAE: train (cached) and compare")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time for the demo adapter")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LorasaeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI promises one line, not a traceback
+        if os.environ.get("LORASAE_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (LORASAE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
