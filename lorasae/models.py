@@ -86,6 +86,9 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
             raise LorasaeError(f"GGUF file not found: {spec}")
         source, kwargs, model_id = str(gguf.parent), {"gguf_file": gguf.name}, gguf.stem
     else:
+        local = Path(spec).expanduser()
+        if spec.startswith((".", "/", "~")) and not local.is_dir():
+            raise LorasaeError(f"model folder not found: {spec}")
         source, kwargs, model_id = spec, {}, spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

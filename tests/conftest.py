@@ -231,6 +231,10 @@ def identity_sae() -> LoadedSAE:
 
 
 @pytest.fixture(autouse=True)
-def _lorasae_home(tmp_path_factory, monkeypatch):
-    """Never touch the user's cache: LORASAE_HOME points at a fresh tmp folder."""
-    monkeypatch.setenv("LORASAE_HOME", str(tmp_path_factory.mktemp("lorasae_home")))
+def _lorasae_home(request, tmp_path_factory, monkeypatch):
+    """Fast tests never touch the user's cache: LORASAE_HOME points at a fresh tmp folder.
+
+    Tests marked ``slow`` keep the real cache (the default SAE is trained once and reused there).
+    """
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("LORASAE_HOME", str(tmp_path_factory.mktemp("lorasae_home")))

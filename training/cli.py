@@ -55,7 +55,8 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     from lorasae.training.train_sae import SaeTrainingConfig, default_sae_dir, train_sae
 
     cfg = SaeTrainingConfig(layer=args.layer, expansion=args.expansion, k=args.k,
-                            tokens=args.tokens, ctx=args.ctx, epochs=args.epochs, lr=args.lr,
+                            tokens=args.tokens, ctx=args.ctx, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, corpus=args.corpus)
     if args.out is None and args.model != DEFAULT_MODEL:
         raise LorasaeError("--out is required with a non-default --model")
@@ -143,15 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lorasae-eval.json", help="where to write the JSON")
     p.set_defaults(func=cmd_eval)
 
+    from lorasae.training.train_sae import SaeTrainingConfig
+
     p = sub.add_parser("train-sae", help="train a TopK SAE on a residual stream (sae-lens format)")
     _add_model_args(p)
     p.add_argument("--layer", type=int, default=None, help="decoder layer (default: middle)")
-    p.add_argument("--expansion", type=int, default=8, help="d_sae / d_model")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
-    p.add_argument("--tokens", type=int, default=400_000, help="training activations")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expansion", type=int, default=SaeTrainingConfig.expansion, help="d_sae / d_model")
+    p.add_argument("--k", type=int, default=SaeTrainingConfig.k, help="active latents per token (TopK)")
+    p.add_argument("--tokens", type=int, default=SaeTrainingConfig.tokens, help="training activations")
+    p.add_argument("--epochs", type=int, default=SaeTrainingConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=SaeTrainingConfig.batch_size,
+                   help="activations per SAE optimizer step")
+    p.add_argument("--lr", type=float, default=SaeTrainingConfig.lr)
+    p.add_argument("--seed", type=int, default=SaeTrainingConfig.seed)
     p.add_argument("--out", default=None,
                    help="output folder (default: the cache folder of the default SAE)")
     p.set_defaults(func=cmd_train_sae)

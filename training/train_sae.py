@@ -39,9 +39,9 @@ class SaeTrainingConfig:
     k: int = 32  # TopK: active latents per token
     tokens: int = 400_000  # activations collected (BOS positions excluded)
     ctx: int = 128
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 4096
-    lr: float = 2e-3
+    lr: float = 4e-3
     dead_feature_window: int = 40  # steps without firing before the aux loss revives a latent
     seed: int = 0
     corpus: str = DEFAULT_CORPUS
@@ -87,6 +87,9 @@ def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
     sequences = packed_sequences(lm.tokenizer, "train", cfg.tokens * cfg.ctx // (cfg.ctx - 1),
                                  cfg.ctx, cfg.corpus)
     acts = collect_activations(lm, layer, sequences)
+    if acts.shape[0] < cfg.batch_size:
+        raise LorasaeError(f"collected {acts.shape[0]} activations, fewer than one batch of "
+                           f"{cfg.batch_size}: raise --tokens or lower --batch-size")
     collected = time.time()
     hook_name = f"blocks.{layer}.hook_resid_post"
     sae_cfg = TopKTrainingSAEConfig(
@@ -96,6 +99,12 @@ def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
                              prepend_bos=True, dataset_path=cfg.corpus),
     )
     sae = TopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        # Start the decoder bias at the data mean (in sae-lens's normalised units): with the zero
+        # default, the residual stream's large shared mean makes the same few latents win TopK
+        # everywhere and about half the latents die (measured: 2559 vs 213 dead of 4608 latents).
+        scale = d_model ** 0.5 / acts[:100_000].norm(dim=-1).mean()
+        sae.b_dec.copy_((acts.mean(0) * scale).to(sae.b_dec.device))
     n_samples = cfg.epochs * (acts.shape[0] // cfg.batch_size) * cfg.batch_size
     trainer_cfg = SAETrainerConfig(
         total_training_samples=n_samples, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
