@@ -70,19 +70,22 @@ def split_of(doc_id: str) -> str:
 
 
 def _file_documents(root: Path) -> Iterator[Document]:
+    """Documents of a file or folder; ids are paths relative to ``root`` so the train/held-out split
+    does not depend on where the corpus lives or how its path is spelled."""
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     for path in files:
+        name = path.relative_to(root).as_posix() if root.is_dir() else path.name
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as fh:
                 for i, line in enumerate(fh):
                     if line.strip():
                         text = json.loads(line).get("text", "")
                         if text.strip():
-                            yield Document(f"{path}:{i}", text)
+                            yield Document(f"{name}:{i}", text)
         elif path.suffix in (".txt", ".md", ""):
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                yield Document(str(path), text)
+                yield Document(name, text)
 
 
 def _hub_documents(dataset_id: str) -> Iterator[Document]:

@@ -16,7 +16,7 @@ own ``ce_spliced`` (only that SAE spliced) and, with an adapter, its own ``ce_ad
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,17 @@ def token_ce(logprobs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def kl_per_token(logp_ref: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p_ref || q) per position, ``[B, T-1]``."""
     return (logp_ref.exp() * (logp_ref - logq)).sum(-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """No (LoRA) dropout while measuring; the previous train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -98,6 +109,12 @@ def evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tenso
     zero-ablation numbers are taken with the adapter disabled, so everything comes from one copy of
     the weights.
     """
+    with eval_mode(model):
+        return _evaluate(model, saes, sequences, batch_size, keep_first, adapter, progress)
+
+
+def _evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tensor,
+              batch_size: int, keep_first: bool, adapter: bool, progress: bool) -> dict:
     device = next(model.parameters()).device
     disabled = model.disable_adapter if adapter else contextlib.nullcontext
     sums = _Sums()

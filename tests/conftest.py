@@ -238,3 +238,11 @@ def _lorasae_home(request, tmp_path_factory, monkeypatch):
     """
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("LORASAE_HOME", str(tmp_path_factory.mktemp("lorasae_home")))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """An on-disk model dir + tokenizer, two sae-lens SAE folders and a corpus (tests/tiny_world.py)."""
+    from tiny_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("tiny_world"))

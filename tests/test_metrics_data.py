@@ -231,7 +231,7 @@ def corpus(tmp_path):
     while i < 60 or n_heldout < 3:
         path = root / f"doc{i:04d}.txt"
         path.write_text(" ".join(map(str, doc_tokens(i))) + "\n")
-        n_heldout += split_of(str(path)) == "heldout"
+        n_heldout += split_of(path.name) == "heldout"
         i += 1
     return root
 
@@ -239,7 +239,7 @@ def corpus(tmp_path):
 def expected_stream(root, split: str) -> list[int]:
     out = []
     for path in sorted(root.glob("*.txt")):
-        if split_of(str(path)) == split:
+        if split_of(path.name) == split:
             out += [int(w) for w in path.read_text().split()] + [StubTokenizer.eos_token_id]
     return out
 
@@ -275,7 +275,7 @@ def test_train_and_heldout_share_no_document(corpus):
         body = seqs[:, 1:].reshape(-1)
         docs[split] = {t // 1000 - 1 for t in body.tolist() if t >= 1000}
         for i in docs[split]:
-            assert split_of(str(corpus / f"doc{i:04d}.txt")) == split
+            assert split_of(f"doc{i:04d}.txt") == split
     assert len(docs["heldout"]) >= 2 and len(docs["train"]) >= 40
     assert not docs["train"] & docs["heldout"]
 
@@ -302,7 +302,7 @@ def test_packed_sequences_jsonl(tmp_path):
     path = tmp_path / "docs.jsonl"
     lines = [f'{{"text": "{" ".join(map(str, doc_tokens(i)))}"}}' for i in range(200)]
     path.write_text("\n".join(lines) + "\n")
-    held = [i for i in range(200) if split_of(f"{path}:{i}") == "heldout"]
+    held = [i for i in range(200) if split_of(f"{path.name}:{i}") == "heldout"]
     assert held
     seqs = packed_sequences(tok, "heldout", 10_000, 4, corpus=str(path))
     found = {t // 1000 - 1 for t in seqs[:, 1:].reshape(-1).tolist() if t >= 1000}

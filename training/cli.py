@@ -94,7 +94,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorasae.training.demo import run_demo
 
-    _write_json(run_demo(minutes=args.minutes), None)
+    _write_json(run_demo(steps=args.steps, max_minutes=args.max_minutes), None)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from lorasae.service.app import create_app
+    from lorasae.service.engine import Engine
+    from lorasae.service.settings import Settings
+
+    settings = Settings.load(
+        config=args.config, model=args.model, saes=args.sae, device=args.device, dtype=args.dtype,
+        host=args.host, port=args.port, adapter_root=args.adapter_root, db_path=args.db,
+        api_key_env=args.api_key_env, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    settings.resolved_api_key()  # fail now, not at the first request, if the key variable is unset
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(f"loading {settings.model} ...", file=sys.stderr, flush=True)
+    engine = Engine.from_settings(settings)  # load errors end here as `error: ...`, before serving
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port,
+                log_level="info")
 
 
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -168,8 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("serve", help="serve per-token SAE features over HTTP (FastAPI)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--model", default=None, help="hub id, local HF dir or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--sae", action="append", default=None,
+                   help="SAE to splice (repeat; default: the embedded default SAE)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--adapter-root", default=None,
+                   help="adapters register from inside this folder (default: $LORASAE_HOME/adapters)")
+    p.add_argument("--db", default=None, help="SQLite registry (default: <adapter root>/registry.sqlite3)")
+    p.add_argument("--api-key-env", default=None,
+                   help="env var holding the bearer key that register/delete need")
+    p.add_argument("--max-batch", type=int, default=None, help="sequences per forward (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="batching wait (default 5)")
+    p.add_argument("--config", default=None, help="TOML/JSON settings file (also $LORASAE_CONFIG); "
+                   "every setting can also be an env var LORASAE_<NAME>")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="default model + default SAE: train (cached) and compare")
-    p.add_argument("--minutes", type=float, default=10.0, help="training time for the demo adapter")
+    p.add_argument("--steps", type=int, default=100,
+                   help="optimizer steps (x 1024 tokens) for the demo adapter")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop the demo training early")
     p.set_defaults(func=cmd_demo)
     return parser
 

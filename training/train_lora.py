@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lorasae.data import DEFAULT_CORPUS, packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.manifest import MANIFEST_FILE, AdapterManifest, SaeEntry
-from lorasae.metrics import evaluate, kl_per_token, token_ce
+from lorasae.metrics import eval_mode, evaluate, kl_per_token, token_ce
 from lorasae.models import DEFAULT_MODEL, decoder_layers, load_model, model_fingerprint
 from lorasae.saes import LoadedSAE
 from lorasae.splice import Splice
@@ -120,17 +120,15 @@ def kl_loss(model, peft_model, saes: list[LoadedSAE], ids: torch.Tensor, keep_fi
 def adapted_spliced_ce(peft_model, saes: list[LoadedSAE], sequences: torch.Tensor,
                        batch_size: int, keep_first: bool) -> float:
     """Held-out CE with the adapter on and the SAEs spliced: the number to watch during training."""
-    was_training = peft_model.training
-    peft_model.eval()
     device = next(peft_model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, sequences.shape[0], batch_size):
-        ids = sequences[start:start + batch_size].to(device)
-        with Splice(peft_model, saes, keep_first):
-            logits = peft_model(input_ids=ids).logits[:, :-1]
-        total += float(token_ce(F.log_softmax(logits.float(), -1), ids).sum())
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    peft_model.train(was_training)
+    with eval_mode(peft_model):
+        for start in range(0, sequences.shape[0], batch_size):
+            ids = sequences[start:start + batch_size].to(device)
+            with Splice(peft_model, saes, keep_first):
+                logits = peft_model(input_ids=ids).logits[:, :-1]
+            total += float(token_ce(F.log_softmax(logits.float(), -1), ids).sum())
+            count += ids.shape[0] * (ids.shape[1] - 1)
     return total / count
 
 
@@ -241,6 +239,7 @@ def train_lora(cfg: LoraTrainConfig, out: Path, resume: bool = False) -> dict:
     stop_reason = "max steps" if cfg.max_steps is not None and total_steps == cfg.max_steps \
         else "token budget"
     per_process = micro // accelerator.num_processes
+    step_loss = 0.0  # mean over the step's micro-batches
     for micro_index in range(step * cfg.grad_accum, total_steps * cfg.grad_accum):
         # The global micro-batch i is fixed by the seed; each process takes its slice of it.
         rows = order[micro_index * micro:(micro_index + 1) * micro]
@@ -255,9 +254,10 @@ def train_lora(cfg: LoraTrainConfig, out: Path, resume: bool = False) -> dict:
                 accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad()
-        value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        step_loss += float(accelerator.reduce(loss.detach(), reduction="mean")) / cfg.grad_accum
         if not accelerator.sync_gradients:
             continue
+        value, step_loss = step_loss, 0.0
         step += 1
         elapsed = time.time() - started
         running = value if running is None else 0.9 * running + 0.1 * value

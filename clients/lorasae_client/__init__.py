@@ -1,3 +1,43 @@
-"""Client for the lorasae feature server: httpx + pydantic only, no torch."""
+"""Client for the lorasae feature server: httpx + pydantic only, no torch.
+
+``LoraSaeClient`` / ``AsyncLoraSaeClient`` talk to ``lorasae serve``; the wire format lives in
+``lorasae_client.schemas`` (the server validates with the same models).
+"""
+
+from .client import AsyncLoraSaeClient, LoraSaeClient
+from .errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    LoraSaeError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UnprocessableEntityError,
+)
+from .schemas import (
+    AdapterInfo,
+    FeatureEntry,
+    FeaturesRequest,
+    FeaturesResponse,
+    HealthResponse,
+    LogitEntry,
+    SaeInfo,
+    TokenResult,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LoraSaeClient", "AsyncLoraSaeClient",
+    "LoraSaeError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
+    "AuthenticationError", "NotFoundError", "ConflictError", "PayloadTooLargeError",
+    "UnprocessableEntityError", "RateLimitError", "ServiceUnavailableError", "InternalServerError",
+    "AdapterInfo", "FeatureEntry", "FeaturesRequest", "FeaturesResponse", "HealthResponse",
+    "LogitEntry", "SaeInfo", "TokenResult",
+]

@@ -1,0 +1,294 @@
+"""``LoraSaeClient`` (sync) and ``AsyncLoraSaeClient``: one request-building core, two transports.
+
+    from lorasae_client import LoraSaeClient
+    with LoraSaeClient("http://127.0.0.1:8000") as client:
+        df = client.features("The cat sat on the mat", adapter="a1", top_k=8).to_pandas()
+
+429 and 503 answers (and connection failures) are retried with exponential backoff, honouring the
+server's Retry-After; other errors raise the typed exceptions of ``lorasae_client.errors`` with the
+server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from .errors import APIConnectionError, APITimeoutError, error_for_status
+from .schemas import AdapterInfo, AdapterList, FeaturesResponse, HealthResponse
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = (429, 503)
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    json: Any = None
+    files: dict | None = None
+    data: dict | None = None
+    idempotent: bool = True  # safe to resend after a timeout (connect failures are always retried)
+    expect: tuple[int, ...] = field(default=(200,))
+
+
+class _Core:
+    """Everything but the I/O: settings, request building, retry delays, response parsing."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
+                 max_backoff: float = 10.0) -> None:
+        self.base_url = (base_url or os.environ.get("LORASAE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("LORASAE_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "lorasae-client"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    # ------------------------------------------------------------ request builders
+
+    @staticmethod
+    def _features(inputs, adapter, saes, top_k, logits, logits_top_k) -> _Request:
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)
+        body = {"inputs": inputs, "adapter": adapter, "saes": list(saes) if saes is not None else None,
+                "top_k": top_k, "logits": logits, "logits_top_k": logits_top_k}
+        return _Request("POST", "/v1/features", json=body)
+
+    @staticmethod
+    def _register(name: str, path: str | None, upload: str | os.PathLike | bytes | None) -> _Request:
+        if (path is None) == (upload is None):
+            raise ValueError("pass exactly one of path= (a folder under the server's adapter root) "
+                             "or upload= (a local adapter folder or archive)")
+        if path is not None:
+            return _Request("POST", "/v1/adapters", json={"name": name, "path": str(path)},
+                            idempotent=False, expect=(201,))
+        filename, content = _archive(upload)
+        return _Request("POST", "/v1/adapters", files={"file": (filename, content, "application/octet-stream")},
+                        data={"name": name}, idempotent=False, expect=(201,))
+
+    # ------------------------------------------------------------ responses
+
+    def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            retry_after = response.headers.get("retry-after", "")
+            try:
+                return min(float(retry_after), self.max_backoff)
+            except ValueError:
+                pass
+        delay = self.backoff * (2 ** attempt)
+        return min(delay * (0.5 + random.random()), self.max_backoff)
+
+    def _should_retry(self, attempt: int, response: httpx.Response) -> bool:
+        return response.status_code in RETRY_STATUSES and attempt < self.max_retries
+
+    @staticmethod
+    def _raise_for(response: httpx.Response, expect: tuple[int, ...]) -> None:
+        if response.status_code in expect:
+            return
+        code, message = "", response.text or response.reason_phrase
+        try:
+            err = response.json().get("error", {})
+            code, message = err.get("code", ""), err.get("message", message)
+        except (ValueError, AttributeError):
+            pass
+        cls = error_for_status(response.status_code)
+        raise cls(message, status_code=response.status_code, code=code, response=response)
+
+    @staticmethod
+    def _parse(response: httpx.Response, model: type[M]) -> M:
+        return model.model_validate_json(response.content)
+
+
+def _archive(upload: str | os.PathLike | bytes) -> tuple[str, bytes]:
+    """(filename, bytes) for an upload: raw bytes, an archive file, or a folder packed as .tar.gz."""
+    if isinstance(upload, (bytes, bytearray)):
+        return "adapter.tar.gz", bytes(upload)
+    path = Path(upload).expanduser()
+    if path.is_file():
+        return path.name, path.read_bytes()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no adapter folder or archive at {path}")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for item in sorted(path.rglob("*")):
+            rel = item.relative_to(path)
+            if item.is_file() and "checkpoint" not in rel.parts:
+                tar.add(item, arcname=str(Path(path.name) / rel))
+    return f"{path.name}.tar.gz", buffer.getvalue()
+
+
+class LoraSaeClient(_Core):
+    """Synchronous client. ``base_url`` defaults to ``$LORASAE_URL`` or http://127.0.0.1:8000 and
+    ``api_key`` (needed for register/delete when the server has one) to ``$LORASAE_API_KEY``."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
+                 http_client: httpx.Client | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff)
+        self._http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout,
+                                                 transport=transport)
+        self._owns_http = http_client is None
+
+    def _send(self, req: _Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(req.method, req.path, json=req.json,
+                                              files=req.files, data=req.data, headers=self._headers())
+            except httpx.TimeoutException as exc:
+                if req.idempotent and attempt < self.max_retries:
+                    time.sleep(self._retry_delay(attempt, None))
+                    attempt += 1
+                    continue
+                raise APITimeoutError(f"request to {req.path} timed out: {exc}") from exc
+            except httpx.TransportError as exc:
+                if attempt < self.max_retries:
+                    time.sleep(self._retry_delay(attempt, None))
+                    attempt += 1
+                    continue
+                raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+            if self._should_retry(attempt, response):
+                time.sleep(self._retry_delay(attempt, response))
+                attempt += 1
+                continue
+            self._raise_for(response, req.expect)
+            return response
+
+    def features(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], *,
+                 adapter: str | None = None, saes: Sequence[str] | None = None, top_k: int = 8,
+                 logits: str = "none", logits_top_k: int = 5) -> FeaturesResponse:
+        """Per-token SAE features of ``inputs`` (a text, texts, or token-id lists)."""
+        req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k)
+        return self._parse(self._send(req), FeaturesResponse)
+
+    def register_adapter(self, name: str, path: str | None = None, *,
+                         upload: str | os.PathLike | bytes | None = None) -> AdapterInfo:
+        """Register ``path`` (a folder inside the server's adapter root) or ``upload`` (a local
+        adapter folder, packed for you, or a .tar.gz/.tar/.zip archive) under ``name``."""
+        return self._parse(self._send(self._register(name, path, upload)), AdapterInfo)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._parse(self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return self._parse(self._send(_Request("GET", f"/v1/adapters/{name}")), AdapterInfo)
+
+    def delete_adapter(self, name: str) -> None:
+        self._send(_Request("DELETE", f"/v1/adapters/{name}", expect=(204,)))
+
+    def health(self) -> HealthResponse:
+        """``/readyz``: raises ServiceUnavailableError while the server loads (after retries)."""
+        return self._parse(self._send(_Request("GET", "/readyz")), HealthResponse)
+
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.25) -> HealthResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = self._http.get("/readyz", headers=self._headers())
+                if response.status_code == 200:
+                    return self._parse(response, HealthResponse)
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise APITimeoutError(f"{self.base_url} not ready after {timeout} s")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> LoraSaeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncLoraSaeClient(_Core):
+    """The asyncio twin of ``LoraSaeClient`` (same arguments, awaitable methods)."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
+                 http_client: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff)
+        self._http = http_client or httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+                                                      transport=transport)
+        self._owns_http = http_client is None
+
+    async def _send(self, req: _Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(req.method, req.path,
+                                                    json=req.json, files=req.files, data=req.data,
+                                                    headers=self._headers())
+            except httpx.TimeoutException as exc:
+                if req.idempotent and attempt < self.max_retries:
+                    await asyncio.sleep(self._retry_delay(attempt, None))
+                    attempt += 1
+                    continue
+                raise APITimeoutError(f"request to {req.path} timed out: {exc}") from exc
+            except httpx.TransportError as exc:
+                if attempt < self.max_retries:
+                    await asyncio.sleep(self._retry_delay(attempt, None))
+                    attempt += 1
+                    continue
+                raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+            if self._should_retry(attempt, response):
+                await asyncio.sleep(self._retry_delay(attempt, response))
+                attempt += 1
+                continue
+            self._raise_for(response, req.expect)
+            return response
+
+    async def features(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], *,
+                       adapter: str | None = None, saes: Sequence[str] | None = None,
+                       top_k: int = 8, logits: str = "none", logits_top_k: int = 5) -> FeaturesResponse:
+        req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k)
+        return self._parse(await self._send(req), FeaturesResponse)
+
+    async def register_adapter(self, name: str, path: str | None = None, *,
+                               upload: str | os.PathLike | bytes | None = None) -> AdapterInfo:
+        return self._parse(await self._send(self._register(name, path, upload)), AdapterInfo)
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        return self._parse(await self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters
+
+    async def get_adapter(self, name: str) -> AdapterInfo:
+        return self._parse(await self._send(_Request("GET", f"/v1/adapters/{name}")), AdapterInfo)
+
+    async def delete_adapter(self, name: str) -> None:
+        await self._send(_Request("DELETE", f"/v1/adapters/{name}", expect=(204,)))
+
+    async def health(self) -> HealthResponse:
+        return self._parse(await self._send(_Request("GET", "/readyz")), HealthResponse)
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncLoraSaeClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,0 +1,91 @@
+"""The app's shared state and the FastAPI dependencies that hand it to routes (settings, auth, readiness)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+from fastapi import Request
+
+from .batcher import Batcher
+from .engine import Engine
+from .errors import ServiceError
+from .metrics import Metrics
+from .registry import Registry
+from .settings import Settings
+
+log = logging.getLogger("lorasae.service")
+
+
+class Service:
+    """Everything one app owns: settings, engine, registry, batcher, metrics, readiness."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.owns_engine = engine is None  # loaded here: closed here
+        self.api_key = settings.resolved_api_key()
+        self.metrics = Metrics()
+        self.registry: Registry | None = None
+        self.batcher: Batcher | None = None
+        self.error: str | None = None  # why loading failed
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load (unless an engine was given), restore the registry, start batching; then ready."""
+        s = self.settings
+        try:
+            if self.engine is None:
+                log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
+                self.engine = await asyncio.to_thread(Engine.from_settings, s)
+            self.registry = Registry(self.engine, s.adapter_root, s.db_path,
+                                     max_upload_bytes=int(s.max_upload_mb * 2**20), metrics=self.metrics)
+            await self.registry.restore()
+            self.batcher = Batcher(self.engine, max_batch=s.max_batch,
+                                   max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,
+                                   max_queue=s.max_queue, retry_after_s=s.retry_after_s,
+                                   metrics=self.metrics)
+            self.batcher.start()
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz, the server stays up
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("startup failed: %s", self.error)
+            return
+        self.ready.set()
+        log.info("ready: model %s, SAEs %s, %d adapters", self.engine.model_id,
+                 list(self.engine.names.values()), len(self.registry.list()))
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.registry is not None:
+            self.registry.close()
+        if self.owns_engine and self.engine is not None:
+            self.engine.close()
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def ready_service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    if not svc.ready.is_set():
+        detail = f"startup failed: {svc.error}" if svc.error else "the model is still loading"
+        raise ServiceError(503, "not_ready", f"not ready: {detail}",
+                           {"Retry-After": str(svc.settings.retry_after_s)})
+    return svc
+
+
+def require_admin(request: Request) -> None:
+    """Admin routes need ``Authorization: Bearer <key>`` when a key is configured (never logged)."""
+    key = request.app.state.service.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ServiceError(401, "unauthorized", "this route needs an API key: "
+                           "send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ServiceError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,398 @@
+"""The engine: the one model, its SAEs and its loaded adapters, and the batched forward that reads features.
+
+Everything that touches weights runs on one dedicated thread (``Engine.call``), so a forward never
+overlaps an adapter being loaded or deleted. Adapters live in one peft model as named adapters and
+each row of a batch picks its own (peft's ``adapter_names``, ``"__base__"`` = no adapter): choosing
+an adapter is a hot swap, no weights move. With no adapter registered the plain model runs.
+
+A batch: right-pad the rows (causal attention never lets a real token see the padding that follows
+it, so no attention mask is needed and the real positions are exact), splice the SAEs with
+``lorasae.splice.Splice`` (the same code as training and evaluation), take the top-k latents, the
+reconstruction error, the per-token loss and the requested logits on the device, and move only
+those small tensors to the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasae.errors import LorasaeError
+from lorasae.models import LoadedModel, load_model, model_fingerprint, unwrap
+from lorasae.saes import LoadedSAE, check_distinct_layers, sae_fingerprint
+from lorasae.splice import Splice
+from lorasae_client.schemas import BASE_ADAPTER
+
+from .errors import ServiceError
+
+log = logging.getLogger("lorasae.service")
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Row:
+    """One input sequence of a request, as the engine sees it."""
+
+    ids: list[int]
+    adapter: str | None
+    layers: tuple[int, ...]  # SAEs spliced (and reported), by layer
+    top_k: int = 8
+    logits: str = "none"
+    logits_top_k: int = 5
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Rows with the same key can share a forward (the splice applies to the whole batch)."""
+        return self.layers
+
+
+@dataclass
+class RowOutput:
+    """Plain-Python results of one row (lists, not tensors), turned into JSON by the route."""
+
+    ids: list[int]
+    loss: list[float]  # len(ids) - 1 entries: loss of predicting token t+1 at position t
+    features: dict[int, tuple[list[list[int]], list[list[float]]]]  # layer -> (indices, values)
+    recon_error: dict[int, list[float]]
+    top_logits: tuple[list[list[int]], list[list[float]], list[list[float]]] | None = None
+    full_logits: list[list[float]] | None = None
+
+
+@dataclass
+class ValidatedAdapter:
+    """An adapter that passed every check, ready to enter the model: config + weights in memory."""
+
+    config: Any  # peft LoraConfig
+    state_dict: dict[str, torch.Tensor]
+    layers: tuple[int, ...]  # layers of the SAEs it was trained with
+    manifest: Any  # lorasae.manifest.AdapterManifest
+
+
+@dataclass
+class _Slot:
+    layers: tuple[int, ...]
+
+
+@dataclass
+class Engine:
+    lm: LoadedModel
+    saes: list[LoadedSAE]
+    keep_first: bool = True
+    names: dict[int, str] = field(default_factory=dict)  # layer -> public SAE id
+
+    def __post_init__(self) -> None:
+        check_distinct_layers(self.saes)
+        self.saes = sorted(self.saes, key=lambda s: s.layer)
+        self.by_layer = {s.layer: s for s in self.saes}
+        if not self.names:
+            self.names = public_sae_names(self.saes)
+        self.base = self.lm.model
+        self.base.eval()
+        self.peft = None  # a peft.PeftModel once an adapter is loaded
+        self.adapters: dict[str, _Slot] = {}
+        self.model_fingerprint = model_fingerprint(self.base)
+        self.sae_fingerprints = {s.layer: sae_fingerprint(s.sae) for s in self.saes}
+        config = unwrap(self.base).config
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or
+                              self.base.get_output_embeddings().weight.shape[0])
+        tok = self.lm.tokenizer
+        self.bos = tok.bos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self._pieces: dict[int, str] = {}
+        self._anchor: tuple[list[int], str] | None = None
+        self._tok_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lorasae-engine")
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_settings(cls, settings) -> Engine:
+        """Load the model and SAEs named by the settings (default: embedded SmolLM2 + default SAE)."""
+        from lorasae.training.eval import resolve_saes
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        lm = load_model(settings.model, settings.device, settings.dtype)
+        saes = resolve_saes(lm, list(settings.saes), settings.model)
+        return cls(lm, saes, keep_first=settings.keep_first)
+
+    @property
+    def model_id(self) -> str:
+        return self.lm.model_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def sae_info(self, layers: Sequence[int] | None = None) -> list[dict]:
+        layers = [s.layer for s in self.saes] if layers is None else layers
+        return [{"id": self.names[layer], "layer": layer, "d_sae": self.by_layer[layer].d_sae,
+                 "hook_name": self.by_layer[layer].hook_name} for layer in layers]
+
+    # ------------------------------------------------------------ threading
+
+    async def call(self, fn: Callable, *args):
+        """Run ``fn(*args)`` on the engine thread (the only thread that touches weights)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ inputs
+
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> ids as in training: BOS (when the tokenizer has one) + the text's tokens."""
+        with self._tok_lock:  # one Rust tokenizer shared by threads: serialise its use
+            ids = list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ([self.bos] if self.bos is not None else []) + ids
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token as it reads inside a text (leading space kept).
+
+        Decoding a token alone drops the leading space of SentencePiece-style tokens, so it is
+        decoded after an anchor token and the anchor's text is cut off again.
+        """
+        text = self._pieces.get(token_id)
+        if text is None:
+            with self._tok_lock:
+                text = self._decode_piece(token_id)
+            self._pieces[token_id] = text
+        return text
+
+    def _decode_piece(self, token_id: int) -> str:
+        tok = self.lm.tokenizer
+        if self._anchor is None:
+            ids = tok("a", add_special_tokens=False)["input_ids"][:1]
+            self._anchor = (ids, tok.decode(ids) if ids else "")
+        anchor_ids, anchor_text = self._anchor
+        both = tok.decode(anchor_ids + [token_id]) if anchor_ids else ""
+        if anchor_text and both.startswith(anchor_text):
+            return both[len(anchor_text):]
+        return tok.decode([token_id])
+
+    def select_layers(self, selectors: Sequence[str] | None,
+                      default: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Layers of the SAEs named by ``selectors`` (public id, full id or layer number)."""
+        if selectors is None:
+            return tuple(sorted(default)) if default else tuple(self.by_layer)
+        lookup: dict[str, int] = {}
+        for s in self.saes:
+            lookup[self.names[s.layer]] = s.layer
+            lookup[s.sae_id] = s.layer
+            lookup[str(s.layer)] = s.layer
+        layers = set()
+        for sel in selectors:
+            if sel not in lookup:
+                known = ", ".join(self.names[s.layer] for s in self.saes)
+                raise ServiceError(404, "unknown_sae", f"no SAE {sel!r} is loaded (loaded: {known})")
+            layers.add(lookup[sel])
+        return tuple(sorted(layers))
+
+    # ------------------------------------------------------------ the forward (engine thread)
+
+    def run_batch(self, rows: list[Row]) -> list[RowOutput | ServiceError]:
+        """One forward for ``rows`` (all with the same SAE layers); per row a result or an error."""
+        out: list[RowOutput | ServiceError | None] = [None] * len(rows)
+        live = []
+        for i, row in enumerate(rows):
+            if row.adapter is not None and row.adapter not in self.adapters:
+                out[i] = ServiceError(404, "unknown_adapter",
+                                      f"adapter {row.adapter!r} is not loaded (deleted?)")
+            else:
+                live.append(i)
+        if live:
+            results = self._forward([rows[i] for i in live])
+            for i, res in zip(live, results):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[Row]) -> list[RowOutput]:
+        lens = [len(r.ids) for r in rows]
+        width = max(lens)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, :lens[b]] = torch.tensor(row.ids, dtype=torch.long)
+        ids = ids.to(self.device)
+        layers = rows[0].layers
+        kwargs = {}
+        model = self.base
+        if self.peft is not None:
+            model = self.peft
+            kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
+        with Splice(model, [self.by_layer[layer] for layer in layers], keep_first=self.keep_first,
+                    record=True) as splice:
+            logits = model(input_ids=ids, **kwargs).logits
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)  # [B, T]
+        loss = lse[:, :-1] - logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        cpu: dict[str, Any] = {"loss": loss}
+        for layer in layers:
+            record = splice.records[layer]
+            k = min(max(r.top_k for r in rows), record.latents.shape[-1])
+            values, indices = record.latents.topk(k, dim=-1)
+            cpu[f"v{layer}"], cpu[f"i{layer}"] = values.float(), indices
+            cpu[f"e{layer}"] = record.error_sq().float()
+        wants_top = [r.logits_top_k for r in rows if r.logits == "top_k"]
+        if wants_top:
+            lvalues, lindices = logits.topk(min(max(wants_top), logits.shape[-1]), dim=-1)
+            cpu["lv"], cpu["li"], cpu["lp"] = lvalues, lindices, lvalues - lse[..., None]
+        cpu = {name: t.cpu() for name, t in cpu.items()}  # the only device -> host copies
+        full = {b: logits[b, :lens[b]].cpu().tolist() for b, r in enumerate(rows) if r.logits == "full"}
+
+        lists = {name: t.tolist() for name, t in cpu.items()}
+        results = []
+        for b, row in enumerate(rows):
+            n = lens[b]
+            features = {}
+            for layer in layers:
+                k = row.top_k
+                features[layer] = ([x[:k] for x in lists[f"i{layer}"][b][:n]],
+                                   [x[:k] for x in lists[f"v{layer}"][b][:n]])
+            top = None
+            if row.logits == "top_k":
+                k = row.logits_top_k
+                top = tuple([x[:k] for x in lists[key][b][:n]] for key in ("li", "lv", "lp"))
+            results.append(RowOutput(
+                ids=row.ids, loss=lists["loss"][b][:n - 1], features=features,
+                recon_error={layer: lists[f"e{layer}"][b][:n] for layer in layers},
+                top_logits=top, full_logits=full.get(b)))
+        return results
+
+    # ------------------------------------------------------------ adapters (engine thread)
+
+    def validate_adapter(self, directory: Path) -> ValidatedAdapter:
+        """Every check before an adapter may enter the model (any thread; reads files only).
+
+        Raises ServiceError 400 (not an adapter, corrupt files) or 409 (does not fit the loaded
+        model or SAEs: manifest fingerprints, LoRA module names and shapes).
+        """
+        from peft import LoraConfig, PeftType
+        from safetensors.torch import load_file
+
+        from lorasae.manifest import AdapterManifest
+
+        directory = Path(directory)
+        try:
+            manifest = AdapterManifest.load(directory)
+        except LorasaeError as exc:
+            raise ServiceError(400, "invalid_adapter", str(exc)) from exc
+        problems = manifest.mismatches(self.model_fingerprint, self.saes)
+        if problems:
+            raise ServiceError(409, "adapter_mismatch", "adapter does not match the loaded model "
+                               "and SAEs: " + "; ".join(problems))
+        if not (directory / "adapter_config.json").is_file():
+            raise ServiceError(400, "invalid_adapter", "no adapter_config.json (not a peft adapter)")
+        try:
+            config = LoraConfig.from_pretrained(str(directory))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+            raise ServiceError(400, "invalid_adapter", f"cannot read adapter_config.json: {exc}") from exc
+        if config.peft_type not in (PeftType.LORA, "LORA"):
+            raise ServiceError(400, "invalid_adapter", f"not a LoRA adapter ({config.peft_type})")
+        if getattr(config, "use_dora", False):
+            raise ServiceError(400, "invalid_adapter", "DoRA adapters cannot share a mixed batch")
+        weights = directory / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ServiceError(400, "invalid_adapter", "no adapter_model.safetensors")
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # noqa: BLE001 - truncated / garbage files
+            raise ServiceError(400, "invalid_adapter",
+                               f"corrupt adapter_model.safetensors: {exc}") from exc
+        self._check_shapes(config, state)
+        layers = tuple(sorted({e.layer for e in manifest.saes}))
+        return ValidatedAdapter(config=config, state_dict=state, layers=layers, manifest=manifest)
+
+    def _check_shapes(self, config, state: dict[str, torch.Tensor]) -> None:
+        base = unwrap(self.peft) if self.peft is not None else self.base
+        if not state:
+            raise ServiceError(400, "invalid_adapter", "adapter_model.safetensors holds no weights")
+        for key, tensor in state.items():
+            if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise ServiceError(409, "adapter_mismatch", f"unsupported adapter weight {key!r} "
+                                   "(only LoRA A/B matrices on linear layers are served)")
+            path, kind = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            try:
+                module = base.get_submodule(path)
+            except AttributeError as exc:
+                raise ServiceError(409, "adapter_mismatch",
+                                   f"adapter targets {path!r}, which the loaded model lacks") from exc
+            module = getattr(module, "base_layer", module)
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dim() != 2:
+                raise ServiceError(409, "adapter_mismatch", f"adapter targets {path!r}, not a linear layer")
+            if isinstance(module, torch.nn.Linear):
+                d_in, d_out = module.in_features, module.out_features
+            else:  # transformers Conv1D (GPT-2): weight [in, out]
+                d_in, d_out = weight.shape
+            if tensor.dim() != 2:
+                raise ServiceError(409, "adapter_mismatch", f"{key}: expected a matrix, got {tuple(tensor.shape)}")
+            r = tensor.shape[0] if kind == "lora_A" else tensor.shape[1]
+            expected = (r, d_in) if kind == "lora_A" else (d_out, r)
+            if tuple(tensor.shape) != expected:
+                raise ServiceError(409, "adapter_mismatch",
+                                   f"{key}: shape {tuple(tensor.shape)} does not fit {path} "
+                                   f"(in {d_in}, out {d_out})")
+
+    def add_adapter(self, name: str, adapter: ValidatedAdapter) -> None:
+        """Load a validated adapter into the one peft model under ``name`` (engine thread)."""
+        from peft import PeftModel, set_peft_model_state_dict
+
+        if name in self.adapters:
+            raise ServiceError(409, "duplicate_adapter", f"adapter {name!r} is already loaded")
+        config = adapter.config
+        config.inference_mode = True
+        created = self.peft is None
+        try:
+            if created:
+                self.peft = PeftModel(self.base, config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, config)
+            result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=name)
+            bad = [k for k in result.unexpected_keys if "lora_" in k]
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+            if bad or missing:
+                raise ServiceError(409, "adapter_mismatch", "adapter weights do not fit the model: "
+                                   f"unexpected {bad[:3]}, missing {missing[:3]}")
+            self.peft.eval()
+        except Exception:
+            self._drop(name)
+            raise
+        self.adapters[name] = _Slot(layers=adapter.layers)
+
+    def remove_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        if self.peft is None:
+            return
+        if name in self.peft.peft_config:
+            with warnings.catch_warnings():  # "adapter X was active, now deleted": expected here
+                warnings.simplefilter("ignore", UserWarning)
+                self.peft.delete_adapter(name)
+        if not self.peft.peft_config:  # no adapter left: back to the plain model
+            self.base = self.peft.unload()
+            self.peft = None
+
+
+def public_sae_names(saes: Sequence[LoadedSAE]) -> dict[int, str]:
+    """Short ids for the wire: a local SAE folder's name, else the ``release/sae_id`` spec."""
+    names: dict[int, str] = {}
+    for s in saes:
+        path = Path(s.sae_id)
+        names[s.layer] = path.name if path.is_absolute() else s.sae_id
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {layer: (f"{name}@L{layer}" if counts[name] > 1 else name) for layer, name in names.items()}

@@ -1,0 +1,91 @@
+"""``POST /v1/features``: per-token SAE features (optionally through a registered adapter)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from lorasae_client.schemas import ErrorResponse, FeaturesRequest, FeaturesResponse
+
+from ..deps import Service, ready_service
+from ..engine import Engine, Row, RowOutput
+from ..errors import ServiceError
+
+router = APIRouter(tags=["features"])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
+
+
+@router.post("/v1/features", response_model=FeaturesResponse, responses=_ERRORS,
+             summary="Per-token SAE features, losses and logits")
+async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) -> Response:
+    engine, settings = svc.engine, svc.settings
+    default_layers = None
+    if req.adapter is not None:
+        svc.registry.require_ready(req.adapter)
+        default_layers = engine.adapters[req.adapter].layers
+    layers = engine.select_layers(req.saes, default_layers)
+    inputs = req.input_list()
+    if len(inputs) > settings.max_inputs:
+        raise ServiceError(413, "too_many_inputs",
+                           f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}")
+    if isinstance(inputs[0], str):
+        longest = max(len(text) for text in inputs)
+        if longest > settings.max_tokens * 64:  # clearly over the token limit: do not even tokenise
+            raise ServiceError(413, "too_many_tokens", f"a text of {longest} characters is over the "
+                               f"limit of {settings.max_tokens} tokens")
+        sequences = await run_in_threadpool(lambda: [engine.tokenize(text) for text in inputs])
+    else:
+        sequences = inputs
+    total = 0
+    for i, ids in enumerate(sequences):
+        if len(ids) > settings.max_tokens:
+            raise ServiceError(413, "too_many_tokens",
+                               f"input {i} has {len(ids)} tokens; the limit is {settings.max_tokens}")
+        bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise ServiceError(422, "invalid_token_id",
+                               f"input {i}: token id {bad} is outside the vocabulary [0, {engine.vocab_size})")
+        total += len(ids)
+    if req.logits == "full" and total * engine.vocab_size > settings.max_full_logits:
+        raise ServiceError(413, "too_many_logits",
+                           f"logits='full' for {total} tokens x {engine.vocab_size} vocabulary entries "
+                           f"exceeds the limit of {settings.max_full_logits} values; use 'top_k'")
+    rows = [Row(ids=list(ids), adapter=req.adapter, layers=layers, top_k=req.top_k,
+                logits=req.logits, logits_top_k=req.logits_top_k) for ids in sequences]
+    outputs = await svc.batcher.submit(rows)
+
+    def render() -> str:
+        body = {"model": engine.model_id, "adapter": req.adapter, "saes": engine.sae_info(layers),
+                "results": [{"tokens": render_tokens(engine, out)} for out in outputs]}
+        return json.dumps(body, separators=(",", ":"))
+
+    # large answers are built off the event loop, so other requests keep being queued meanwhile
+    text = await run_in_threadpool(render) if total > 2048 or req.logits == "full" else render()
+    return Response(text, media_type="application/json")
+
+
+def render_tokens(engine: Engine, out: RowOutput) -> list[dict]:
+    """The wire form of one row (see ``lorasae_client.schemas.TokenResult``)."""
+    names = engine.names
+    tokens = []
+    n = len(out.ids)
+    for t, token_id in enumerate(out.ids):
+        features = {}
+        for layer, (indices, values) in out.features.items():
+            features[names[layer]] = [{"index": i, "activation": v}
+                                      for i, v in zip(indices[t], values[t]) if v != 0.0]
+        token = {"position": t, "id": token_id, "text": engine.piece(token_id),
+                 "loss": out.loss[t] if t < n - 1 else None, "features": features,
+                 "recon_error": {names[layer]: err[t] for layer, err in out.recon_error.items()}}
+        if out.top_logits is not None:
+            ids, logits, logprobs = out.top_logits
+            token["top_logits"] = [{"id": i, "text": engine.piece(i), "logit": lg, "logprob": lp}
+                                   for i, lg, lp in zip(ids[t], logits[t], logprobs[t])]
+        if out.full_logits is not None:
+            token["logits"] = out.full_logits[t]
+        tokens.append(token)
+    return tokens

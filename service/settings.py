@@ -1,0 +1,104 @@
+"""Server settings (pydantic-settings): keyword arguments / CLI flags > ``LORASAE_*`` env vars >
+an optional TOML or JSON config file (``LORASAE_CONFIG`` or ``Settings.load(config=...)``) > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from lorasae.errors import LorasaeError
+from lorasae.paths import data_dir
+
+CONFIG_ENV = "LORASAE_CONFIG"
+_config_file: ContextVar[Path | None] = ContextVar("lorasae_config_file", default=None)
+
+
+class Settings(BaseSettings):
+    """Everything the server needs; every field can be set as ``LORASAE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASAE_", extra="ignore")
+
+    model: str = Field("default", description="hub id, local HF dir or .gguf (default: embedded SmolLM2)")
+    saes: list[str] = Field(default_factory=list,
+                            description="SAE specs; empty = the default SAE of the default model")
+    device: str | None = None
+    dtype: str | None = None
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's); "
+                                      "1 avoids oversubscription on a busy CPU")
+    keep_first: bool = Field(True, description="position 0 keeps its clean activation (as in training)")
+    adapter_root: Path | None = Field(None, description="adapters are registered from inside this "
+                                                        "folder (default: $LORASAE_HOME/adapters)")
+    db_path: Path | None = Field(None, description="SQLite registry (default: <adapter_root>/registry.sqlite3)")
+    api_key_env: str | None = Field(None, description="env var holding the admin bearer key")
+    api_key: SecretStr | None = Field(None, description="admin bearer key (prefer api_key_env)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_tokens: int = Field(1024, ge=1, description="tokens per input sequence")
+    max_inputs: int = Field(64, ge=1, description="input sequences per request")
+    max_batch: int = Field(16, ge=1, description="sequences per forward (micro-batch)")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill")
+    max_queue: int = Field(256, ge=1, description="queued sequences; past it requests get 429")
+    max_full_logits: int = Field(4_000_000, ge=0, description="tokens x vocab per request for logits=full")
+    max_upload_mb: float = Field(1024, gt=0, description="largest adapter archive accepted")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After on 429/503")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if self.adapter_root is None:
+            self.adapter_root = data_dir() / "adapters"
+        self.adapter_root = Path(self.adapter_root).expanduser()
+        if self.db_path is None:
+            self.db_path = self.adapter_root / "registry.sqlite3"
+        self.db_path = Path(self.db_path).expanduser()
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The admin key (never logged): from ``api_key`` or the env var named by ``api_key_env``."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise LorasaeError(f"--api-key-env {self.api_key_env}: that environment variable is "
+                                   "empty or unset")
+            return value
+        return None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        sources = [init_settings, env_settings]
+        path = _config_file.get() or os.environ.get(CONFIG_ENV)
+        if path:
+            path = Path(path).expanduser()
+            if not path.is_file():
+                raise LorasaeError(f"config file not found: {path}")
+            if path.suffix == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides) -> Settings:
+        """Settings from ``overrides`` (None values ignored), env vars, then the config file."""
+        token = _config_file.set(Path(config) if config else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)

@@ -1,0 +1,165 @@
+"""Fixtures for the service and client tests: a tiny on-disk world, built once per session.
+
+The world: a BPE tokenizer trained on a made-up corpus (``tokenizers``), a tiny random Llama saved
+with ``save_pretrained``, two TopK SAEs in sae-lens format (layers 1 and 2), and trained-looking
+LoRA adapters (peft files with random non-zero B matrices + a ``lorasae.json`` manifest that
+matches the model and SAEs), plus broken ones (wrong fingerprint, truncated weights, wrong shapes).
+Each test gets its own adapter root (a copy) and registry database.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the a of and to in is was for on that with as by at from it his an were are which "
+         "this be or had not cat dog sat mat").split()
+SAE_LAYERS = (1, 2)
+TEXTS = ["the cat sat on the mat", "a dog was in the house of his", "it is not that"]
+
+
+@dataclass
+class World:
+    root: Path
+    model: Path
+    saes: dict[int, Path]   # layer -> sae-lens folder
+    adapters: Path          # folder of adapter folders (copied into each test's adapter root)
+
+    def settings(self, tmp: Path, **overrides):
+        from lorasae.service.settings import Settings
+
+        root = tmp / "adapter-root"
+        if not root.exists():
+            shutil.copytree(self.adapters, root)
+        values = dict(model=str(self.model), saes=[str(p) for p in self.saes.values()],
+                      adapter_root=root, db_path=tmp / "registry.sqlite3", device="cpu",
+                      max_wait_ms=2.0)
+        values.update(overrides)
+        return Settings(**values)
+
+
+def _tokenizer(corpus: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = __import__("tokenizers").decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=160,
+                                                        special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def make_adapter(model_dir: Path, out: Path, sae_dirs: list[Path], *, seed: int, rank: int = 4,
+                 targets=("q_proj", "v_proj"), layers=(2, 3), fingerprint: str | None = None) -> Path:
+    """A peft LoRA adapter with random non-zero B (so it changes the model) + a matching manifest."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorasae.manifest import AdapterManifest, SaeEntry
+    from lorasae.models import model_fingerprint
+    from lorasae.saes import load_sae
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    saes = [load_sae(str(d), model=model) for d in sae_dirs]
+    base_fp = model_fingerprint(model)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                  target_modules=list(targets),
+                                                  layers_to_transform=list(layers)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    peft_model.save_pretrained(out)
+    AdapterManifest(base_model=str(model_dir), base_model_fingerprint=fingerprint or base_fp,
+                    saes=[SaeEntry.of(s) for s in saes],
+                    lora={"rank": rank, "alpha": 2 * rank, "target_modules": list(targets),
+                          "layers_to_transform": list(layers)},
+                    created_at="2025-01-01T00:00:00+00:00").save(out)
+    return out
+
+
+def build_world(root: Path) -> World:
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    corpus = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (200,), generator=gen))
+              for _ in range(40)]
+    tokenizer = _tokenizer(corpus)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         initializer_range=0.1)
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    saes = {}
+    for layer in SAE_LAYERS:
+        sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=8,
+                                    metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        saes[layer] = root / f"sae{layer}"
+        sae.save_model(saes[layer])
+    adapters = root / "adapters"
+    make_adapter(model_dir, adapters / "a1", [saes[1]], seed=1)
+    make_adapter(model_dir, adapters / "a2", [saes[1]], seed=2, rank=8, targets=("q_proj", "down_proj"))
+    make_adapter(model_dir, adapters / "a12", [saes[1], saes[2]], seed=3, layers=(3,))
+    make_adapter(model_dir, adapters / "mismatch", [saes[1]], seed=4, fingerprint="0123456789abcdef")
+    corrupt = make_adapter(model_dir, adapters / "corrupt", [saes[1]], seed=5)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # right fingerprints, wrong LoRA shapes: rank-4 A matrices replaced by ones of width 16
+    shapes = make_adapter(model_dir, adapters / "badshape", [saes[1]], seed=6)
+    from safetensors.torch import load_file, save_file
+    state = load_file(shapes / "adapter_model.safetensors")
+    state = {k: (torch.zeros(v.shape[0], 16) if "lora_A" in k else v) for k, v in state.items()}
+    save_file(state, shapes / "adapter_model.safetensors")
+    (adapters / "not-an-adapter").mkdir()
+    return World(root=root, model=model_dir, saes=saes, adapters=adapters)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return build_world(tmp_path_factory.mktemp("service-world"))
+
+
+@pytest.fixture
+def settings(world, tmp_path):
+    return world.settings(tmp_path)
+
+
+@pytest.fixture
+def engine(settings):
+    from lorasae.service.engine import Engine
+
+    eng = Engine.from_settings(settings)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def client(settings, engine):
+    """A FastAPI TestClient (lifespan run) on a fresh app over the tiny world."""
+    from fastapi.testclient import TestClient
+
+    from lorasae.service.app import create_app
+
+    with TestClient(create_app(settings, engine)) as test_client:
+        yield test_client
+
+
+def register(client, name: str, path: str | None = None, headers: dict | None = None):
+    return client.post("/v1/adapters", json={"name": name, "path": path or name}, headers=headers)
