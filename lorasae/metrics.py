@@ -138,10 +138,7 @@ def _evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tens
             with zero_ablation(model, [s.layer for s in saes], keep_first):
                 sums.add("ce_zero_ablation", token_ce(next_token_logprobs(model, ids), ids))
             if multi:
-                for sae in saes:
-                    with Splice(model, [sae], keep_first):
-                        sums.add(f"{sae.layer}/ce_spliced",
-                                 token_ce(next_token_logprobs(model, ids), ids))
+                _add_single_sae_ce(sums, "ce_spliced", model, saes, ids, keep_first)
         if adapter:
             with Splice(model, saes, keep_first):
                 adapted = next_token_logprobs(model, ids)
@@ -150,12 +147,17 @@ def _evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tens
             del adapted
             sums.add("ce_adapted_clean", token_ce(next_token_logprobs(model, ids), ids))
             if multi:
-                for sae in saes:
-                    with Splice(model, [sae], keep_first):
-                        sums.add(f"{sae.layer}/ce_adapted_spliced",
-                                 token_ce(next_token_logprobs(model, ids), ids))
+                _add_single_sae_ce(sums, "ce_adapted_spliced", model, saes, ids, keep_first)
     mean = {k: v / n_pred for k, v in sums.values.items()}
     return _summarise(mean, saes, stats, n_pred, adapter, keep_first)
+
+
+def _add_single_sae_ce(sums: _Sums, key: str, model: nn.Module, saes: Sequence[LoadedSAE],
+                       ids: torch.Tensor, keep_first: bool) -> None:
+    """CE with each SAE spliced alone, summed under ``"<layer>/<key>"``."""
+    for sae in saes:
+        with Splice(model, [sae], keep_first):
+            sums.add(f"{sae.layer}/{key}", token_ce(next_token_logprobs(model, ids), ids))
 
 
 def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) -> dict:
