@@ -54,7 +54,10 @@ def test_default_sae_splice_opens_a_clear_ce_gap(default_lm, default_sae):
     assert result["ce_zero_ablation"] > result["ce_spliced"] + 5
     assert result["explained_variance"] >= 0.8
     assert 16 <= result["l0"] <= 128
-    assert result["dead_latents"] < 0.05 * default_sae.d_sae
+    # Never active on these ~4k tokens (rare latents included): a loose bound; latents dead over the
+    # last 164k training activations (sae-lens's own count, saved with the SAE) must be very few.
+    assert result["dead_latents"] < 0.10 * default_sae.d_sae
+    assert default_sae.sae.cfg.metadata.num_dead_features < 0.01 * default_sae.d_sae
 
 
 def test_eval_cli_prints_json_last(default_sae, tmp_path, capsys):
