@@ -7,7 +7,9 @@ Measures, on one loaded model (same process, real HTTP on 127.0.0.1 through uvic
 1. served: ``/v1/features`` throughput (real tokens/s) under ``--clients`` concurrent clients
    (asyncio, in a separate process, each with one request in flight at a time), requests cycling over two random LoRA adapters and the base model (mixed batches);
 2. bare: the same batches the server formed (same rows, same padding), as plain HF forwards of the
-   model without SAE or adapter;
+   model without SAE or adapter; and the same requests as one plain forward each (batch 1): the
+   ratio of the two is the most any batching server can gain over one forward per request on this
+   device (the ceiling of the served/naive bar);
 3. naive: a server that runs one hooked (spliced) forward per request, no batching, same clients;
 4. hot swap: extra latency of a one-row forward when the adapter changes from the previous request
    (peft's per-row ``adapter_names``: nothing moves) vs reloading the adapter from disk
@@ -271,7 +273,14 @@ def run(args) -> dict:
             model(input_ids=t)
         sync()
         bare_s = time.perf_counter() - started
+        singles = [torch.tensor([ids], device=device) for ids in inputs]
+        started = time.perf_counter()
+        for t in singles:
+            model(input_ids=t)
+        sync()
+        single_s = time.perf_counter() - started
     bare_tps = n_tokens / bare_s
+    single_tps = n_tokens / single_s
     engine.close()
 
     swap_ms = max(0.0, alternating - same)
@@ -282,7 +291,8 @@ def run(args) -> dict:
         "tokens_per_request": args.tokens, "top_k": args.top_k,
         "batches": len(batches), "mean_batch_rows": round(sum(map(len, batches)) / len(batches), 2),
         "served_tokens_per_s": round(served_tps, 1), "bare_tokens_per_s": round(bare_tps, 1),
-        "naive_tokens_per_s": round(naive_tps, 1),
+        "naive_tokens_per_s": round(naive_tps, 1), "bare_batch1_tokens_per_s": round(single_tps, 1),
+        "batching_ceiling": round(bare_tps / single_tps, 3),
         "served_vs_bare": round(served_tps / bare_tps, 3),
         "served_vs_naive": round(served_tps / naive_tps, 3),
         "forward_same_adapter_ms": round(same, 3), "forward_alternating_adapter_ms": round(alternating, 3),
@@ -297,8 +307,10 @@ def print_table(r: dict) -> None:
         ("served /v1/features, tokens/s", f"{r['served_tokens_per_s']:.1f}", ""),
         ("bare HF forwards (same batches), tokens/s", f"{r['bare_tokens_per_s']:.1f}", ""),
         ("naive server (1 forward/request), tokens/s", f"{r['naive_tokens_per_s']:.1f}", ""),
+        ("bare HF forwards, one per request (batch 1), tokens/s", f"{r['bare_batch1_tokens_per_s']:.1f}", ""),
         ("served / bare", f"{r['served_vs_bare']:.2f}x", ">= 0.8x"),
         ("served / naive", f"{r['served_vs_naive']:.2f}x", ">= 3x"),
+        ("batching ceiling: bare batched / bare batch 1", f"{r['batching_ceiling']:.2f}x", "(device bound)"),
         ("one-row forward, same adapter (ms)", f"{r['forward_same_adapter_ms']:.2f}", ""),
         ("one-row forward, adapter switched (ms)", f"{r['forward_alternating_adapter_ms']:.2f}", ""),
         ("hot-swap overhead (ms)", f"{r['hot_swap_ms']:.2f}", "<= 5 ms"),
