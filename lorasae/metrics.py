@@ -55,6 +55,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@torch.no_grad()
+def spliced_ce(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tensor,
+               batch_size: int = 8, keep_first: bool = True) -> float:
+    """Held-out CE with ``saes`` spliced into ``model`` as it is (adapter on, if it has one): the
+    one number a training run watches."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, sequences.shape[0], batch_size):
+            ids = sequences[start:start + batch_size].to(device)
+            with Splice(model, saes, keep_first):
+                total += float(token_ce(next_token_logprobs(model, ids), ids).sum())
+            count += ids.shape[0] * (ids.shape[1] - 1)
+    return total / count
+
+
 @dataclass
 class _SaeStats:
     """Running sums for one SAE over evaluated tokens (excluding the kept first position)."""

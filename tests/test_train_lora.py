@@ -35,12 +35,12 @@ from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs
 from lorasae.models import load_model, model_fingerprint
 from lorasae.saes import load_sae, sae_fingerprint
 from lorasae.splice import Splice
+from lorasae.training import loop as training_loop
 from lorasae.training import train_lora as tl
 from lorasae.training.cli import main
 from lorasae.training.eval import EvalConfig, run_eval
+from lorasae.training.loop import CHECKPOINT_DIR, CHECKPOINT_FILE
 from lorasae.training.train_lora import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_FILE,
     LoraTrainConfig,
     kl_loss,
     train_lora,
@@ -175,10 +175,11 @@ def baseline(world, tmp_path_factory):
                              if "lora_" in k}
         return peft_model
 
-    real_load_model, real_resolve_saes, real_wrap = tl.load_model, tl.resolve_saes, tl.wrap_with_lora
+    real_load_model, real_resolve_saes = training_loop.load_model, training_loop.resolve_saes
+    real_wrap = tl.wrap_with_lora
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tl, "load_model", spy_load_model)
-        mp.setattr(tl, "resolve_saes", spy_resolve_saes)
+        mp.setattr(training_loop, "load_model", spy_load_model)
+        mp.setattr(training_loop, "resolve_saes", spy_resolve_saes)
         mp.setattr(tl, "wrap_with_lora", spy_wrap)
         started = time.time()
         metrics = train_lora(cfg, out)
@@ -436,10 +437,10 @@ def test_output_files_manifest_and_metrics(world, baseline):
     assert start["ce_gap"] > 0.5
     assert [h["step"] for h in history] == list(range(1, 41))
     assert [h["tokens"] for h in history] == [s * 4 * CTX for s in range(1, 41)]
-    evals = [h["step"] for h in history if "ce_adapted_spliced" in h]
+    evals = [h["step"] for h in history if "heldout_ce" in h]
     assert evals == list(range(4, 40, 4))  # every eval_every steps, the last step is "final"
     assert all(math.isfinite(h["train_kl"]) and h["train_kl"] > 0 for h in history)
-    assert all(start["ce_clean"] < h["ce_adapted_spliced"] for h in history if "ce_adapted_spliced" in h)
+    assert all(start["ce_clean"] < h["heldout_ce"] for h in history if "heldout_ce" in h)
     assert final["ce_gap"] == pytest.approx(final["ce_spliced"] - final["ce_clean"])
     assert final["gap_closed"] == pytest.approx(
         (final["ce_spliced"] - final["ce_adapted_spliced"]) / (final["ce_spliced"] - final["ce_clean"]))

@@ -70,23 +70,38 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     _write_json({"sae_dir": str(out), **result}, str(out / "eval.json"))
 
 
+def _loop_fields(args: argparse.Namespace) -> dict:
+    """The settings every KL-trained run shares (``LoopConfig``), from the parsed flags."""
+    return dict(
+        model=args.model, saes=args.sae or [], lr=args.lr, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, ctx=args.ctx, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, tokens=args.tokens, max_steps=args.max_steps,
+        max_minutes=args.max_minutes, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, corpus=args.corpus,
+        keep_first=not args.splice_first, device=args.device, dtype=args.dtype)
+
+
 def _lora_config(args: argparse.Namespace):
     from lorasae.training.train_lora import LoraTrainConfig
 
-    return LoraTrainConfig(
-        model=args.model, saes=args.sae or [], rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, target_modules=args.target_modules.split(","), layers=args.layers,
-        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, ctx=args.ctx,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, tokens=args.tokens,
-        max_steps=args.max_steps, max_minutes=args.max_minutes, eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        corpus=args.corpus, keep_first=not args.splice_first, device=args.device, dtype=args.dtype)
+    return LoraTrainConfig(**_loop_fields(args), rank=args.rank, alpha=args.alpha,
+                           dropout=args.dropout, target_modules=args.target_modules.split(","),
+                           layers=args.layers)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lorasae.training.train_lora import train_lora
 
     metrics = train_lora(_lora_config(args), Path(args.out), resume=args.resume)
+    if "final" in metrics:
+        _write_json({"out": args.out, "train": metrics["train"], "final": metrics["final"]}, None)
+
+
+def cmd_train_e2e(args: argparse.Namespace) -> None:
+    from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
+
+    cfg = E2eTrainConfig(**_loop_fields(args), init=args.init, sparsity_coeff=args.sparsity_coeff)
+    metrics = train_e2e(cfg, Path(args.out), resume=args.resume)
     if "final" in metrics:
         _write_json({"out": args.out, "train": metrics["train"], "final": metrics["final"]}, None)
 
@@ -118,6 +133,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 log_level="info")
 
 
+def _add_loop_args(p: argparse.ArgumentParser, d) -> None:
+    """Flags of ``LoopConfig`` (shared by train and train-e2e); ``d`` holds the command's defaults."""
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per optimizer step (global, whatever the processes/accumulation)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--tokens", type=int, default=d.tokens, help="training token budget")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="steps between held-out CE evaluations (their time is not training time)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--splice-first", action="store_true",
+                   help="also splice position 0 (BOS); by default it keeps its clean activation")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
     from lorasae.training.train_lora import LoraTrainConfig
 
@@ -131,21 +167,7 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", default=",".join(d.target_modules))
     p.add_argument("--layers", choices=["after", "all"], default=d.layers,
                    help="adapt only the layers after the first SAE (paper's main runs) or all")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="sequences per optimizer step (global, whatever the processes/accumulation)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--tokens", type=int, default=d.tokens, help="training token budget")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--splice-first", action="store_true",
-                   help="also splice position 0 (BOS); by default it keeps its clean activation")
+    _add_loop_args(p, d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,8 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_lora_args(p)
     p.add_argument("--out", required=True, help="adapter directory (peft files + lorasae.json)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(func=cmd_train)
+
+    from lorasae.training.train_e2e import E2eTrainConfig
+
+    d = E2eTrainConfig()
+    p = sub.add_parser("train-e2e", help="e2e SAE baseline: train the SAE on the KL, model frozen")
+    _add_model_args(p)
+    p.add_argument("--sae", action="append",
+                   help="the SAE whose architecture, width and sparsity to match (and the start "
+                        "with --init finetune; default: the embedded default SAE)")
+    p.add_argument("--init", choices=["finetune", "scratch"], default=d.init,
+                   help="start from the given SAE's weights or from a fresh initialisation")
+    p.add_argument("--sparsity-coeff", type=float, default=None,
+                   help="L0 (JumpReLU) / L1 (standard) penalty; TopK needs none "
+                        "(default: 0.01 JumpReLU around the given L0, 1e-3 L1)")
+    _add_loop_args(p, d)
+    p.add_argument("--out", required=True, help="run directory; the SAE is saved there in sae-lens format")
+    p.set_defaults(func=cmd_train_e2e)
 
     p = sub.add_parser("serve", help="serve per-token SAE features over HTTP (FastAPI)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")

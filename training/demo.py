@@ -16,7 +16,8 @@ from lorasae.manifest import MANIFEST_FILE
 from lorasae.models import load_model
 from lorasae.paths import data_dir
 from lorasae.saes import load_sae, sae_fingerprint
-from lorasae.training.train_lora import CHECKPOINT_DIR, METRICS_FILE, LoraTrainConfig, train_lora
+from lorasae.training.loop import CHECKPOINT_DIR, METRICS_FILE
+from lorasae.training.train_lora import LoraTrainConfig, train_lora
 from lorasae.training.train_sae import default_sae_dir, ensure_default_sae
 
 DEMO_RANK = 16

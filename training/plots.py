@@ -10,24 +10,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_training(metrics: dict, path: Path) -> Path:
-    """Held-out CE against training tokens: spliced (no adapter), adapted+spliced, clean as a line."""
+def plot_training(metrics: dict, path: Path, label: str = "LoRA-SAE") -> Path:
+    """Held-out CE against training tokens: spliced before training, the trained run, clean as a line."""
     start, final = metrics["start"], metrics.get("final", {})
-    points = [(0, start["ce_spliced"])]
-    points += [(h["tokens"], h["ce_adapted_spliced"]) for h in metrics.get("history", [])
-               if "ce_adapted_spliced" in h]
-    if "ce_adapted_spliced" in final:
-        points.append((metrics["train"]["tokens"], final["ce_adapted_spliced"]))
+    points = [(0, start["heldout_ce"])]
+    points += [(h["tokens"], h["heldout_ce"]) for h in metrics.get("history", []) if "heldout_ce" in h]
+    if "heldout_ce" in final:
+        points.append((metrics["train"]["tokens"], final["heldout_ce"]))
     xs, ys = zip(*points)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.axhline(start["ce_clean"], color="black", linestyle="--", label="clean (no SAE)")
-    ax.axhline(start["ce_spliced"], color="tab:red", linestyle=":", label="SAE spliced, no adapter")
-    ax.plot(xs, ys, marker="o", color="tab:blue", label="SAE spliced + LoRA adapter")
+    ax.axhline(start["ce_spliced"], color="tab:red", linestyle=":", label="SAE spliced, before training")
+    ax.plot(xs, ys, marker="o", color="tab:blue", label=f"{label}: SAE spliced, trained")
     if "ce_adapted_clean" in final:
         ax.scatter([xs[-1]], [final["ce_adapted_clean"]], marker="x", color="tab:green",
                    label="adapter alone (no SAE)", zorder=3)
     gap = final.get("gap_closed")
-    title = "LoRA-SAE: held-out CE" + (f" (gap closed {gap:.0%})" if gap is not None else "")
+    title = f"{label}: held-out CE" + (f" (gap closed {gap:.0%})" if gap is not None else "")
     ax.set_title(title)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("cross-entropy (nats)")
