@@ -106,6 +106,33 @@ def cmd_train_e2e(args: argparse.Namespace) -> None:
         _write_json({"out": args.out, "train": metrics["train"], "final": metrics["final"]}, None)
 
 
+PAPER_PRESET = {"rank": 64, "lr": 5e-5, "ctx": 1024, "batch_size": 1, "tokens": 15_000_000,
+                "max_steps": None, "eval_every": 500, "eval_tokens": 1_000_000, "layers": "after"}
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """LoRA-SAE vs e2e SAE; ``--preset paper`` sets the paper's defaults (flags given still win)."""
+    from lorasae.training.compare import CompareConfig, run_compare
+    from lorasae.training.loop import LoopConfig
+
+    values = {**vars(args)}
+    if args.preset == "paper":
+        given = set(args.explicit)
+        values.update({k: v for k, v in PAPER_PRESET.items() if k not in given})
+    loop = LoopConfig(
+        model=args.model, saes=args.sae or [], lr=values["lr"], ctx=values["ctx"],
+        batch_size=values["batch_size"], grad_accum=args.grad_accum, tokens=values["tokens"],
+        max_steps=values["max_steps"], eval_every=values["eval_every"],
+        eval_tokens=values["eval_tokens"], seed=args.seed, corpus=args.corpus,
+        keep_first=not args.splice_first, device=args.device, dtype=args.dtype)
+    cfg = CompareConfig(loop=loop, rank=values["rank"], layers=values["layers"], e2e_lr=args.e2e_lr,
+                        e2e_init=args.e2e_init)
+    result = run_compare(cfg, Path(args.out))
+    _write_json({k: v for k, v in result.items() if k not in ("lora", "e2e")}
+                | {run: {k: v for k, v in result[run].items() if k != "curve"} for run in ("lora", "e2e")},
+                None)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorasae.training.demo import run_demo
 
@@ -227,6 +254,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory; the SAE is saved there in sae-lens format")
     p.set_defaults(func=cmd_train_e2e)
 
+    from lorasae.training.compare import CompareConfig
+
+    c = CompareConfig()
+    p = sub.add_parser("compare", help="LoRA-SAE vs the e2e SAE baseline: time to the same CE, curves")
+    _add_model_args(p)
+    p.add_argument("--sae", action="append", help="the SAE (default: the embedded default SAE)")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: rank 64, lr 5e-5, batch 1 x ctx 1024, 15M tokens, LoRA after the SAE "
+                        "(for a GPU; flags given explicitly still win)")
+    p.add_argument("--rank", type=int, default=c.rank)
+    p.add_argument("--layers", choices=["after", "all"], default=c.layers)
+    p.add_argument("--lr", type=float, default=c.loop.lr, help="LoRA learning rate")
+    p.add_argument("--e2e-lr", type=float, default=c.e2e_lr, help="e2e SAE learning rate")
+    p.add_argument("--e2e-init", choices=["finetune", "scratch"], default=c.e2e_init)
+    p.add_argument("--batch-size", type=int, default=c.loop.batch_size)
+    p.add_argument("--grad-accum", type=int, default=c.loop.grad_accum)
+    p.add_argument("--tokens", type=int, default=c.loop.tokens, help="training token budget per run")
+    p.add_argument("--max-steps", type=int, default=c.loop.max_steps)
+    p.add_argument("--eval-every", type=int, default=c.loop.eval_every)
+    p.add_argument("--eval-tokens", type=int, default=c.loop.eval_tokens)
+    p.add_argument("--seed", type=int, default=c.loop.seed)
+    p.add_argument("--splice-first", action="store_true")
+    p.add_argument("--out", default="lorasae-compare", help="folder for both runs, compare.json/.png")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("serve", help="serve per-token SAE features over HTTP (FastAPI)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -254,8 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_flags(argv: list[str]) -> list[str]:
+    """Destination names of the flags written on the command line (presets never override them)."""
+    return [a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.explicit = _explicit_flags(argv)
     try:
         args.func(args)
     except LorasaeError as exc:

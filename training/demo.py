@@ -25,7 +25,8 @@ DEMO_LR = 1e-3
 DEMO_STEPS = 100  # 102,400 tokens: ~7 minutes on 2 CPU cores
 
 
-def _default_sae() -> str:
+def default_sae_path() -> str:
+    """The embedded default SAE's folder (trained and cached on first use)."""
     sae_dir = default_sae_dir()
     if not (sae_dir / "cfg.json").exists():
         ensure_default_sae(load_model())
@@ -46,7 +47,7 @@ def format_table(start: dict, final: dict) -> str:
 
 
 def run_demo(steps: int = DEMO_STEPS, max_minutes: float | None = None) -> dict:
-    sae_dir = _default_sae()
+    sae_dir = default_sae_path()
     fingerprint = sae_fingerprint(load_sae(sae_dir).sae)
     out = data_dir() / "adapters" / f"demo-{fingerprint}-r{DEMO_RANK}-{steps}steps"
     if not (out / MANIFEST_FILE).exists():
