@@ -133,6 +133,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
                 None)
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lorasae.training.merge import MergeConfig, run_merge
+
+    _write_json(run_merge(MergeConfig(
+        adapter=args.adapter, out=args.out, model=args.model, evaluate=not args.no_eval,
+        eval_tokens=args.eval_tokens, ctx=args.ctx, corpus=args.corpus, mc_items=args.mc_items,
+        mc_context=args.mc_context, mc_choice=args.mc_choice, mc_file=args.mc_file,
+        device=args.device)), None)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorasae.training.demo import run_demo
 
@@ -278,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splice-first", action="store_true")
     p.add_argument("--out", default="lorasae-compare", help="folder for both runs, compare.json/.png")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", help="merge an adapter into the base weights (HF model dir) + "
+                                     "downstream before/after")
+    _add_model_args(p)
+    p.add_argument("--adapter", required=True, help="adapter directory (peft files + lorasae.json)")
+    p.add_argument("--out", required=True, help="new Hugging Face model directory")
+    p.add_argument("--no-eval", action="store_true", help="only merge; skip the before/after report")
+    p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens for the CE")
+    p.add_argument("--mc-items", type=int, default=300,
+                   help="items of the heldout-continuation-4way task")
+    p.add_argument("--mc-context", type=int, default=48, help="context tokens of a continuation item")
+    p.add_argument("--mc-choice", type=int, default=12, help="tokens of each candidate continuation")
+    p.add_argument("--mc-file", default=None,
+                   help='JSONL multiple-choice task instead: {"context", "choices", "label"} per line')
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="serve per-token SAE features over HTTP (FastAPI)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")

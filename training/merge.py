@@ -1,0 +1,99 @@
+"""`lorasae merge`: fold a LoRA-SAE adapter into the base weights, and check what it does downstream.
+
+Writes a standard Hugging Face model directory (``save_pretrained`` of peft's ``merge_and_unload``,
+plus the tokenizer) that any transformers code loads without peft or lorasae. Then, unless
+``--no-eval``, reports before/after on held-out text and a zero-shot multiple-choice task:
+
+- ``ce``: held-out CE of the base model vs the merged model, both *without* the SAE (the merged
+  model's is the adapter's ``ce_adapted_clean``: what the adapter does to the model alone);
+- ``ce_spliced``: the same with the adapter's SAEs spliced (merged + SAE = ``ce_adapted_spliced``);
+- ``mc``: accuracy on ``heldout-continuation-4way`` (``lorasae.downstream``) or a JSONL task file.
+
+The directory appears only once complete (written under a temporary name, then renamed), with
+``lorasae_merge.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lorasae.data import DEFAULT_CORPUS, packed_sequences
+from lorasae.downstream import TASK_NAME, continuation_items, jsonl_items, mc_accuracy
+from lorasae.errors import LorasaeError
+from lorasae.manifest import AdapterManifest
+from lorasae.metrics import evaluate
+from lorasae.models import DEFAULT_MODEL, load_model, model_fingerprint
+from lorasae.training.eval import load_adapter, resolve_saes
+
+MERGE_RECORD = "lorasae_merge.json"
+
+
+@dataclass
+class MergeConfig:
+    adapter: str
+    out: str
+    model: str = DEFAULT_MODEL
+    evaluate: bool = True
+    eval_tokens: int = 16_384
+    ctx: int = 128
+    corpus: str = DEFAULT_CORPUS
+    mc_items: int = 300
+    mc_context: int = 48
+    mc_choice: int = 12
+    mc_file: str | None = None
+    device: str | None = None
+
+
+def _downstream(model: torch.nn.Module, saes, sequences, items, pad: int) -> dict:
+    result = evaluate(model, saes, sequences)
+    return {"ce": result["ce_clean"], "ce_spliced": result["ce_spliced"],
+            "mc": mc_accuracy(model, items, pad_id=pad)}
+
+
+def run_merge(cfg: MergeConfig) -> dict:
+    started = time.time()
+    out = Path(cfg.out)
+    if out.exists():
+        raise LorasaeError(f"{out} already exists; choose another --out")
+    manifest = AdapterManifest.load(cfg.adapter)
+    lm = load_model(cfg.model, cfg.device, "float32")  # merge in full precision
+    saes = resolve_saes(lm, [entry.id for entry in manifest.saes], cfg.model)
+    manifest.check(model_fingerprint(lm.model), saes)
+    record: dict = {"adapter": str(cfg.adapter), "base_model": lm.model_id,
+                    "base_model_fingerprint": manifest.base_model_fingerprint,
+                    "saes": [asdict(e) for e in manifest.saes], "lora": manifest.lora,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if cfg.evaluate:
+        sequences = packed_sequences(lm.tokenizer, "heldout", cfg.eval_tokens, cfg.ctx, cfg.corpus)
+        items = (jsonl_items(cfg.mc_file, lm.tokenizer) if cfg.mc_file
+                 else continuation_items(lm.tokenizer, cfg.mc_items, cfg.mc_context, cfg.mc_choice,
+                                         corpus=cfg.corpus))
+        pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
+        before = _downstream(lm.model, saes, sequences, items, pad)
+
+    merged = load_adapter(lm.model, cfg.adapter).merge_and_unload()
+    merged.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    lm.tokenizer.save_pretrained(tmp)
+
+    if cfg.evaluate:
+        after = _downstream(merged, saes, sequences, items, pad)
+        record["downstream"] = {
+            "task": cfg.mc_file or TASK_NAME, "eval_tokens": int(sequences[:, 1:].numel()),
+            "before": before, "after": after,
+            "ce_delta": after["ce"] - before["ce"],
+            "ce_spliced_delta": after["ce_spliced"] - before["ce_spliced"],
+            "mc_accuracy_delta": after["mc"]["accuracy"] - before["mc"]["accuracy"]}
+    record["seconds"] = round(time.time() - started, 1)
+    (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    tmp.rename(out)
+    return {"out": str(out), **record}
