@@ -143,6 +143,23 @@ def cmd_merge(args: argparse.Namespace) -> None:
         device=args.device)), None)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lorasae.training.loop import LoopConfig
+    from lorasae.training.sweep import SweepConfig, format_table, run_sweep
+
+    loop = LoopConfig(model=args.model, lr=args.lr, ctx=args.ctx, batch_size=args.batch_size,
+                      tokens=args.steps * args.batch_size * args.ctx, max_steps=args.steps,
+                      eval_every=10**9, eval_tokens=args.eval_tokens, seed=args.seed,
+                      corpus=args.corpus, device=args.device, dtype=args.dtype)
+    cfg = SweepConfig(loop=loop, sae=args.sae, sparsity_saes=args.sparsity_sae or [],
+                      layer_saes=args.layer_sae or [], ranks=[int(r) for r in args.ranks.split(",")],
+                      rank=args.rank, e2e_lr=args.e2e_lr, e2e=not args.no_e2e)
+    only = set(args.only.split(",")) if args.only else None
+    result = run_sweep(cfg, Path(args.out), only)
+    print(format_table(result["rows"]), file=sys.stderr, flush=True)
+    _write_json(result, None)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorasae.training.demo import run_demo
 
@@ -288,6 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splice-first", action="store_true")
     p.add_argument("--out", default="lorasae-compare", help="folder for both runs, compare.json/.png")
     p.set_defaults(func=cmd_compare)
+
+    from lorasae.training.sweep import SweepConfig
+
+    w = SweepConfig()
+    p = sub.add_parser("sweep", help="rank / adapted layers / sparsity / layer sweeps, Pareto plot")
+    _add_model_args(p)
+    p.add_argument("--sae", default=None, help="base SAE (default: the embedded default SAE)")
+    p.add_argument("--sparsity-sae", action="append",
+                   help="SAEs of other L0 at the same layer (repeat; default model: TopK k16, k64)")
+    p.add_argument("--layer-sae", action="append",
+                   help="SAEs at other layers (repeat; default model: layer 8)")
+    p.add_argument("--ranks", default=",".join(map(str, w.ranks)))
+    p.add_argument("--rank", type=int, default=w.rank, help="rank of the other sweeps")
+    p.add_argument("--steps", type=int, default=w.loop.max_steps, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=w.loop.batch_size)
+    p.add_argument("--lr", type=float, default=w.loop.lr, help="LoRA learning rate")
+    p.add_argument("--e2e-lr", type=float, default=w.e2e_lr)
+    p.add_argument("--no-e2e", action="store_true", help="skip the e2e SAEs of the Pareto plot")
+    p.add_argument("--eval-tokens", type=int, default=w.loop.eval_tokens)
+    p.add_argument("--seed", type=int, default=w.loop.seed)
+    p.add_argument("--only", default=None, help="comma list of sweeps: rank,layers,sparsity,layer")
+    p.add_argument("--out", default="lorasae-sweep", help="folder for every run and sweep.json")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("merge", help="merge an adapter into the base weights (HF model dir) + "
                                      "downstream before/after")
