@@ -94,18 +94,20 @@ def test_compare_reuses_finished_runs_and_refuses_other_settings(compared, monke
         run_compare(other, out)
 
 
-def test_paper_preset_sets_the_paper_defaults_and_explicit_flags_win(tiny_world, tmp_path, monkeypatch):
-    seen = {}
-
-    def fake(cfg, out):
-        seen["cfg"] = cfg
-        return {"lora": {"curve": []}, "e2e": {"curve": []}}
-
-    monkeypatch.setattr(cmp, "run_compare", fake)
+def test_paper_preset_is_one_command_and_explicit_flags_win(tiny_world, tmp_path, capsys):
+    """The GPU reproduction command (README), run on the tiny world: the preset supplies the
+    paper's settings, the flags given for a tiny model override only what they name."""
+    out = tmp_path / "paper"
     rc = main(["compare", "--preset", "paper", "--model", str(tiny_world.model), "--sae",
-               str(tiny_world.sae1), "--max-steps", "2", "--out", str(tmp_path)])
+               str(tiny_world.sae1), "--corpus", str(tiny_world.corpus), "--ctx", str(CTX),
+               "--max-steps", "4", "--tokens", "1024", "--eval-every", "2", "--eval-tokens", "256",
+               "--out", str(out)])
     assert rc == 0
-    cfg = seen["cfg"]
-    assert (cfg.rank, cfg.layers, cfg.loop.lr, cfg.loop.ctx, cfg.loop.batch_size) == (64, "after", 5e-5, 1024, 1)
-    assert cfg.loop.tokens == 15_000_000 and cfg.loop.max_steps == 2
-    assert cfg.lora().alpha == 32.0 and cfg.lora().dropout == 0.1  # the paper's LoRA defaults
+    printed = json.loads(capsys.readouterr().out)
+    cfg = printed["config"]
+    assert (cfg["rank"], cfg["layers"], cfg["loop"]["lr"], cfg["loop"]["batch_size"]) == (64, "after", 5e-5, 1)
+    assert (cfg["loop"]["ctx"], cfg["loop"]["max_steps"], cfg["loop"]["tokens"]) == (CTX, 4, 1024)
+    lora = json.loads((out / "lora" / "lorasae.json").read_text())
+    assert lora["lora"]["rank"] == 64 and lora["lora"]["alpha"] == 32.0 and lora["lora"]["dropout"] == 0.1
+    assert printed["lora"]["train"]["steps"] == 4 and printed["e2e"]["train"]["steps"] == 4
+    assert (out / "compare.png").is_file() and (out / "e2e" / "cfg.json").is_file()
