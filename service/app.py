@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lorasae_client
@@ -23,7 +24,7 @@ from lorasae.errors import LorasaeError
 from .deps import Service
 from .engine import Engine
 from .errors import ServiceError
-from .routes import adapters, features, health
+from .routes import adapters, features, health, viewer
 from .settings import Settings
 
 log = logging.getLogger("lorasae.service")
@@ -98,6 +99,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(features.router)
     app.include_router(adapters.router)
     app.include_router(health.router)
+    app.include_router(viewer.router)
+    app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")
     app.add_middleware(_MetricsMiddleware, service=service)
 
     @app.exception_handler(ServiceError)
@@ -114,6 +117,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            # FastAPI's body parsing failed beyond a JSON syntax error (bytes that are not UTF-8,
+            # nesting too deep): malformed JSON all the same, answered like any other (422)
+            return error_response(422, "validation_error",
+                                  f"body: not valid JSON ({type(exc.__cause__).__name__})")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

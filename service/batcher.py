@@ -72,6 +72,9 @@ class Batcher:
         if self._task is None:
             raise ServiceError(503, "not_ready", "the batcher is not running",
                                {"Retry-After": str(self.retry_after_s)})
+        if len(rows) > self.max_queue:  # would never fit: retrying (429) cannot help
+            raise ServiceError(413, "too_many_inputs", f"{len(rows)} inputs in one request; the queue "
+                               f"holds at most {self.max_queue} sequences")
         if len(self._pending) + len(rows) > self.max_queue:
             if self.metrics:
                 self.metrics.rejected.inc()

@@ -101,6 +101,8 @@ class Engine:
         self.peft = None  # a peft.PeftModel once an adapter is loaded
         self.adapters: dict[str, _Slot] = {}
         self.model_fingerprint = model_fingerprint(self.base)
+        # the plain model's module names, for checking which modules an adapter config targets
+        self._module_names = tuple(name for name, _ in self.base.named_modules() if name)
         self.sae_fingerprints = {s.layer: sae_fingerprint(s.sae) for s in self.saes}
         config = unwrap(self.base).config
         self.vocab_size = int(getattr(config, "vocab_size", 0) or
@@ -301,6 +303,10 @@ class Engine:
             raise ServiceError(400, "invalid_adapter", f"not a LoRA adapter ({config.peft_type})")
         if getattr(config, "use_dora", False):
             raise ServiceError(400, "invalid_adapter", "DoRA adapters cannot share a mixed batch")
+        ranks = [config.r, *(config.rank_pattern or {}).values()]
+        if any(not isinstance(r, int) or r < 1 for r in ranks):
+            raise ServiceError(400, "invalid_adapter", "LoRA ranks must be positive integers "
+                               f"(r={config.r!r}, rank_pattern={config.rank_pattern!r})")
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():
             raise ServiceError(400, "invalid_adapter", "no adapter_model.safetensors")
@@ -309,7 +315,13 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - truncated / garbage files
             raise ServiceError(400, "invalid_adapter",
                                f"corrupt adapter_model.safetensors: {exc}") from exc
+        bad = next((k for k, t in state.items()
+                    if not t.is_floating_point() or not torch.isfinite(t).all()), None)
+        if bad is not None:  # NaN/inf weights would put NaN into every answer (not even valid JSON)
+            raise ServiceError(400, "invalid_adapter",
+                               f"adapter_model.safetensors: {bad!r} is not a finite floating-point tensor")
         self._check_shapes(config, state)
+        self._check_targets(config, state)
         layers = tuple(sorted({e.layer for e in manifest.saes}))
         return ValidatedAdapter(config=config, state_dict=state, layers=layers, manifest=manifest)
 
@@ -344,6 +356,21 @@ class Engine:
                                    f"{key}: shape {tuple(tensor.shape)} does not fit {path} "
                                    f"(in {d_in}, out {d_out})")
 
+    def _check_targets(self, config, state: dict[str, torch.Tensor]) -> None:
+        """The modules the config makes peft wrap must be exactly those the weights are for,
+        checked before peft touches the model: peft wraps the targeted modules in place, and when
+        it fails on one of them (a norm layer, say) the modules it already wrapped stay in the base
+        model and change the numbers of every later request."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        weighted = {key[len(PEFT_PREFIX):].rsplit(".", 2)[0] for key in state}
+        targeted = {name for name in self._module_names if check_target_module_exists(config, name)}
+        if targeted != weighted:
+            extra, unfilled = sorted(targeted - weighted), sorted(weighted - targeted)
+            raise ServiceError(409, "adapter_mismatch", "adapter_config.json and the weights disagree: "
+                               f"{len(extra)} targeted modules without weights {extra[:3]}, weights for "
+                               f"{len(unfilled)} modules not targeted {unfilled[:3]}")
+
     def add_adapter(self, name: str, adapter: ValidatedAdapter) -> None:
         """Load a validated adapter into the one peft model under ``name`` (engine thread)."""
         from peft import PeftModel, set_peft_model_state_dict
@@ -365,9 +392,13 @@ class Engine:
                 raise ServiceError(409, "adapter_mismatch", "adapter weights do not fit the model: "
                                    f"unexpected {bad[:3]}, missing {missing[:3]}")
             self.peft.eval()
-        except Exception:
+        except ServiceError:
             self._drop(name)
             raise
+        except Exception as exc:  # peft refused it (e.g. LoRA rank != the weights' rank): it does not fit
+            self._drop(name)
+            raise ServiceError(409, "adapter_mismatch",
+                               f"adapter does not load into the model: {type(exc).__name__}: {exc}") from exc
         self.adapters[name] = _Slot(layers=adapter.layers)
 
     def remove_adapter(self, name: str) -> None:

@@ -21,6 +21,7 @@ import tarfile
 import threading
 import uuid
 import zipfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +35,7 @@ from .metrics import Metrics
 log = logging.getLogger("lorasae.service")
 
 INCOMING = ".incoming"
+ADAPTER_FILES = (MANIFEST_FILE, "adapter_config.json", "adapter_model.safetensors")  # what is read
 UPLOADS = "uploads"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -87,15 +89,27 @@ class Registry:
     # ------------------------------------------------------------ paths
 
     def resolve(self, relative: str) -> Path:
-        """The adapter folder ``relative`` names, refused unless it lies inside the adapter root."""
-        target = (self.root / Path(relative).expanduser()).resolve()
-        if target != self.root and not target.is_relative_to(self.root):
+        """The adapter folder ``relative`` names, refused unless it lies inside the adapter root,
+        and so do (after symlinks) the files of it the server reads."""
+        try:
+            target = (self.root / Path(relative).expanduser()).resolve()
+            outside = not self._inside(target)
+            is_dir = not outside and target.is_dir()
+            linked_out = [name for name in ADAPTER_FILES
+                          if is_dir and not self._inside((target / name).resolve())]
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
+            raise ServiceError(400, "invalid_path", f"{relative!r} is not a usable path: {exc}") from exc
+        if outside or linked_out:
+            what = f"{relative!r}" + (f" (its {linked_out[0]} links there)" if linked_out else "")
             raise ServiceError(400, "path_outside_root",
-                               f"{relative!r} is outside the adapter root; register adapters from "
+                               f"{what} is outside the adapter root; register adapters from "
                                "inside it (paths are relative to the root)")
-        if not target.is_dir():
+        if not is_dir:
             raise ServiceError(400, "path_not_found", f"no adapter folder {relative!r} in the adapter root")
         return target
+
+    def _inside(self, path: Path) -> bool:
+        return path == self.root or path.is_relative_to(self.root)
 
     # ------------------------------------------------------------ writes
 
@@ -252,7 +266,7 @@ class Registry:
                     tf.extractall(dest, members=members, filter="data")
         except ServiceError:
             raise
-        except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
             raise ServiceError(400, "invalid_archive", f"cannot unpack {filename or 'the upload'}: "
                                f"{exc} (send a .tar.gz, .tar or .zip of the adapter folder)") from exc
         found = sorted(p.parent for p in dest.rglob(MANIFEST_FILE))

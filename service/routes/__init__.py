@@ -1,1 +1,1 @@
-"""One router per resource: features, adapters, health."""
+"""One router per resource: features, adapters, health, and the viewer page."""

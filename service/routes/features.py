@@ -37,6 +37,12 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
         if longest > settings.max_tokens * 64:  # clearly over the token limit: do not even tokenise
             raise ServiceError(413, "too_many_tokens", f"a text of {longest} characters is over the "
                                f"limit of {settings.max_tokens} tokens")
+        for i, text in enumerate(inputs):
+            try:  # JSON escapes (and raw bytes) can carry lone surrogates, which no tokenizer takes
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ServiceError(422, "validation_error", f"inputs.{i}: not valid Unicode text "
+                                   f"({exc.reason} at character {exc.start})") from exc
         sequences = await run_in_threadpool(lambda: [engine.tokenize(text) for text in inputs])
     else:
         sequences = inputs
