@@ -4,17 +4,28 @@ The world: a BPE tokenizer trained on a made-up corpus (``tokenizers``), a tiny 
 with ``save_pretrained``, two TopK SAEs in sae-lens format (layers 1 and 2), and trained-looking
 LoRA adapters (peft files with random non-zero B matrices + a ``lorasae.json`` manifest that
 matches the model and SAEs), plus broken ones (wrong fingerprint, truncated weights, wrong shapes).
-Each test gets its own adapter root (a copy) and registry database.
+Each test gets its own adapter root (a copy) and registry database, in process or behind a real
+``lorasae serve`` process (``ServerProcess``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 WORDS = ("the a of and to in is was for on that with as by at from it his an were are which "
          "this be or had not cat dog sat mat").split()
@@ -29,15 +40,19 @@ class World:
     saes: dict[int, Path]   # layer -> sae-lens folder
     adapters: Path          # folder of adapter folders (copied into each test's adapter root)
 
-    def settings(self, tmp: Path, **overrides):
-        from lorasae.service.settings import Settings
-
+    def adapter_root(self, tmp: Path) -> Path:
+        """``tmp/adapter-root``: a copy of the adapters, made on first use."""
         root = tmp / "adapter-root"
         if not root.exists():
             shutil.copytree(self.adapters, root)
+        return root
+
+    def settings(self, tmp: Path, **overrides):
+        from lorasae.service.settings import Settings
+
         values = dict(model=str(self.model), saes=[str(p) for p in self.saes.values()],
-                      adapter_root=root, db_path=tmp / "registry.sqlite3", device="cpu",
-                      max_wait_ms=2.0)
+                      adapter_root=self.adapter_root(tmp), db_path=tmp / "registry.sqlite3",
+                      device="cpu", max_wait_ms=2.0)
         values.update(overrides)
         return Settings(**values)
 
@@ -163,3 +178,128 @@ def client(settings, engine):
 
 def register(client, name: str, path: str | None = None, headers: dict | None = None):
     return client.post("/v1/adapters", json={"name": name, "path": path or name}, headers=headers)
+
+
+# ------------------------------------------------------------------ a real server process
+
+SERVER_KEY_ENV = "LORASAE_TEST_SERVER_KEY"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``lorasae serve`` (uvicorn) in a subprocess on 127.0.0.1 over the tiny world (both SAEs, CPU),
+    with its registry database and adapter root (a copy of the world's adapters) in ``workdir``.
+
+    ``start()`` waits until ``/readyz`` answers 200 and fails with the tail of the server's log;
+    ``stop()`` terminates it, then kills it after a timeout; ``start()`` again after ``kill9()``
+    restarts it on the same port, database and adapter root (each start logs to its own
+    ``server-N.log``). As a context manager: started on entry, stopped on exit. ``api_key`` is
+    handed over in an environment variable (``--api-key-env``); ``env`` adds to the server's
+    environment.
+    """
+
+    def __init__(self, world: World, workdir: Path, *, api_key: str | None = None, **env: str) -> None:
+        self.workdir = workdir
+        self.adapter_root = world.adapter_root(workdir)
+        self.db = workdir / "registry.sqlite3"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "lorasae.training.cli", "serve", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--model", str(world.model),
+                    *[arg for path in world.saes.values() for arg in ("--sae", str(path))],
+                    "--adapter-root", str(self.adapter_root), "--db", str(self.db), "--device", "cpu"]
+        self.env = {**os.environ, **env}
+        if api_key is not None:
+            self.cmd += ["--api-key-env", SERVER_KEY_ENV]
+            self.env[SERVER_KEY_ENV] = api_key
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"server-{self.starts}.log"
+
+    def start(self, timeout: float = 180.0) -> ServerProcess:
+        self.starts += 1
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
+
+    def log_text(self) -> str:
+        """Everything the server logged, over all its starts."""
+        return "".join(self.workdir.joinpath(f"server-{n}.log").read_text()
+                       for n in range(1, self.starts + 1))
+
+    def unexpected_errors(self) -> int:
+        """Tracebacks the app logged for requests ("unexpected error" = a 500)."""
+        return self.log_text().count("unexpected error")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS line")
+
+    def db_rows(self) -> list[tuple]:
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as db:
+            return db.execute("SELECT name, path, source, info, created_at FROM adapters "
+                              "ORDER BY name").fetchall()
+
+
+@pytest.fixture
+def server_factory(world, tmp_path):
+    """``make(name, api_key=None, **env)``: a ``ServerProcess`` (not started yet) in
+    ``tmp_path / name``; every one made is stopped after the test."""
+    servers: list[ServerProcess] = []
+
+    def make(name: str, **kwargs) -> ServerProcess:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        servers.append(ServerProcess(world, workdir, **kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -4,11 +4,8 @@ real ``lorasae serve`` (uvicorn) process on 127.0.0.1 driven over the network.""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -28,9 +25,7 @@ from lorasae_client import (
     UnprocessableEntityError,
 )
 
-from service_fixtures import TEXTS, client, engine, settings, world  # noqa: F401
-
-REPO = Path(__file__).resolve().parents[1]
+from service_fixtures import REPO, TEXTS, ServerProcess, client, engine, settings, world  # noqa: F401
 
 
 def test_client_without_torch():
@@ -155,49 +150,23 @@ def test_async_client(world, tmp_path, engine):
     assert health.status == "ready" and health.adapters == 1 and left == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_real_uvicorn_server(world, tmp_path):
     """`lorasae serve` in a subprocess on 127.0.0.1, driven by LoraSaeClient over TCP."""
-    s = world.settings(tmp_path)
-    port = _free_port()
-    env = {**os.environ, "SERVE_TEST_KEY": "topsecret", "LORASAE_MAX_WAIT_MS": "3"}
-    cmd = [sys.executable, "-m", "lorasae.training.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--model", str(world.model), "--sae", str(world.saes[1]),
-           "--sae", str(world.saes[2]), "--adapter-root", str(s.adapter_root),
-           "--db", str(tmp_path / "served.sqlite3"), "--api-key-env", "SERVE_TEST_KEY",
-           "--device", "cpu"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        with LoraSaeClient(f"http://127.0.0.1:{port}", api_key="topsecret", timeout=30) as api:
-            try:
-                api.wait_ready(timeout=90)
-            except Exception:
-                raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
-            assert api.register_adapter("a1", "a1").name == "a1"
-            assert api.register_adapter("up", upload=s.adapter_root / "a2").source == "upload"
-            with LoraSaeClient(f"http://127.0.0.1:{port}") as anonymous:
-                with pytest.raises(AuthenticationError):
-                    anonymous.delete_adapter("a1")
-                resp = anonymous.features(TEXTS, adapter="up", top_k=4, logits="top_k")
-            assert resp.adapter == "up" and len(resp.results) == 3
-            assert len(resp.to_pandas()) > 0
-            with pytest.raises(NotFoundError):
-                api.features("the cat", adapter="nope")
-            api.delete_adapter("a1")
-            assert [a.name for a in api.list_adapters()] == ["up"]
-            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            assert 'route="/v1/features",status="200"' in metrics
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    assert "topsecret" not in (tmp_path / "server.log").read_text()  # the key is never logged
+    with ServerProcess(world, tmp_path, api_key="topsecret", LORASAE_MAX_WAIT_MS="3") as server, \
+            LoraSaeClient(server.url, api_key="topsecret", timeout=30) as api:
+        api.wait_ready(timeout=90)  # the client's own wait (with the key) on a server already up
+        assert api.register_adapter("a1", "a1").name == "a1"
+        assert api.register_adapter("up", upload=server.adapter_root / "a2").source == "upload"
+        with LoraSaeClient(server.url) as anonymous:
+            with pytest.raises(AuthenticationError):
+                anonymous.delete_adapter("a1")
+            resp = anonymous.features(TEXTS, adapter="up", top_k=4, logits="top_k")
+        assert resp.adapter == "up" and len(resp.results) == 3
+        assert len(resp.to_pandas()) > 0
+        with pytest.raises(NotFoundError):
+            api.features("the cat", adapter="nope")
+        api.delete_adapter("a1")
+        assert [a.name for a in api.list_adapters()] == ["up"]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'route="/v1/features",status="200"' in metrics
+    assert "topsecret" not in server.log_text()  # the key is never logged

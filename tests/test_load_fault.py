@@ -28,13 +28,8 @@ import math
 import os
 import random
 import shutil
-import signal
-import socket
-import sqlite3
 import statistics
 import struct
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -47,15 +42,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from service_fixtures import SAE_LAYERS, TEXTS, WORDS, world  # noqa: F401
+from service_fixtures import (  # noqa: F401
+    REPO, SAE_LAYERS, TEXTS, WORDS, ServerProcess, server_factory, world)
 
 pytestmark = pytest.mark.load
 
-REPO = Path(__file__).resolve().parents[1]
 SUMMARY_PATH = REPO / "test-output" / "load_fault_summary.json"
 LOAD_SECONDS = float(os.environ.get("LORASAE_LOAD_SECONDS", "8"))
 LOAD_CLIENTS = int(os.environ.get("LORASAE_LOAD_CLIENTS", "16"))
-KEY_ENV = "LORASAE_TEST_LOAD_FAULT_KEY"
 API_KEY = "load-fault-secret"
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 STABLE = ("a1", "a2", "a12")  # registered before the load, never deleted during it
@@ -64,114 +58,13 @@ SAMPLE_CAP = 500  # responses kept (reservoir) for the numeric comparison
 # The flooded server queues at most 4 rows of <= 128 tokens; its RSS may move by the allocator's
 # caching and the connections' buffers, not with the size of the flood.
 RSS_BOUND_MB = 64.0
-LIMITS = {"LORASAE_MAX_TOKENS": "128", "LORASAE_MAX_INPUTS": "8", "LORASAE_MAX_FULL_LOGITS": "20000",
-          "LORASAE_MAX_UPLOAD_MB": "0.25"}
+# every part's server: the admin key, request limits, and one torch thread (the clients share the
+# small, busy CPU with the server)
+SERVER = {"api_key": API_KEY, "LORASAE_TORCH_THREADS": "1", "LORASAE_MAX_TOKENS": "128",
+          "LORASAE_MAX_INPUTS": "8", "LORASAE_MAX_FULL_LOGITS": "20000", "LORASAE_MAX_UPLOAD_MB": "0.25"}
 # the load parts expect no 429: a queue for every client's <= 3 rows (the overload part tests 429)
 ROOMY_QUEUE = {"LORASAE_MAX_QUEUE": str(max(256, 4 * LOAD_CLIENTS + 64))}
 UPLOAD_LIMIT = int(0.25 * 2**20)
-
-
-# ------------------------------------------------------------------ the server process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """``lorasae serve`` in a subprocess on 127.0.0.1; ``start()`` again after ``kill9()`` restarts
-    it on the same port, database and adapter root."""
-
-    def __init__(self, world, workdir: Path, **env: str) -> None:
-        self.workdir = workdir
-        self.root = workdir / "adapter-root"
-        if not self.root.exists():
-            shutil.copytree(world.adapters, self.root)
-        self.db = workdir / "registry.sqlite3"
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "lorasae.training.cli", "serve", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--model", str(world.model),
-                    *[arg for layer in SAE_LAYERS for arg in ("--sae", str(world.saes[layer]))],
-                    "--adapter-root", str(self.root), "--db", str(self.db), "--device", "cpu",
-                    "--api-key-env", KEY_ENV]
-        # one torch thread: the clients share the (small, busy) CPU with the server
-        self.env = {**os.environ, KEY_ENV: API_KEY, "LORASAE_TORCH_THREADS": "1", **env}
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"server-{self.starts}.log"
-
-    def start(self, timeout: float = 180.0) -> ServerProcess:
-        self.starts += 1
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS line")
-
-    def db_rows(self) -> list[tuple]:
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as db:
-            return db.execute("SELECT name, path, source, info, created_at FROM adapters "
-                              "ORDER BY name").fetchall()
-
-    def unexpected_errors(self) -> int:
-        """Tracebacks the app logged for requests ("unexpected error" = a 500)."""
-        return sum(path.read_text().count("unexpected error")
-                   for path in self.workdir.glob("server-*.log"))
-
-
-@pytest.fixture
-def server_factory(world, tmp_path):
-    servers: list[ServerProcess] = []
-
-    def make(name: str, **env: str) -> ServerProcess:
-        workdir = tmp_path / name
-        workdir.mkdir()
-        servers.append(ServerProcess(world, workdir, **env))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 # ------------------------------------------------------------------ offline reference numbers
@@ -457,7 +350,7 @@ def _status_counts(statuses: Counter) -> dict[str, int]:
 
 
 def test_load_mixed_adapters_with_churn(server_factory, refs, world, summary):
-    server = server_factory("load", **LIMITS, **ROOMY_QUEUE).start()
+    server = server_factory("load", **SERVER, **ROOMY_QUEUE).start()
     _register_stable(server)
     uploads = {name: _tar_dir(world.adapters / name) for name in ("a1", "a2")}
     tally, churn = Tally(), Churn()
@@ -877,10 +770,10 @@ async def _send_cases(url: str, cases: list[Case], concurrency: int = 8) -> list
 
 
 def test_hostile_requests(server_factory, refs, world, tmp_path, summary):
-    server = server_factory("hostile", **LIMITS)
+    server = server_factory("hostile", **SERVER)
     outside = tmp_path / "outside-the-root"
     outside.mkdir()
-    cases = _features_cases(refs.vocab_size) + _admin_cases(server.root, outside)
+    cases = _features_cases(refs.vocab_size) + _admin_cases(server.adapter_root, outside)
     server.start()
     r = httpx.post(f"{server.url}/v1/adapters", json={"name": "a1", "path": "a1"}, headers=ADMIN)
     assert r.status_code == 201, r.text
@@ -888,7 +781,7 @@ def test_hostile_requests(server_factory, refs, world, tmp_path, summary):
                    files={"file": ("a2.tar.gz", _tar_dir(world.adapters / "a2"))})
     assert r.status_code == 201, r.text
     listing_before, rows_before = httpx.get(f"{server.url}/v1/adapters").json(), server.db_rows()
-    uploads_before = sorted(p.name for p in (server.root / "uploads").iterdir())
+    uploads_before = sorted(p.name for p in (server.adapter_root / "uploads").iterdir())
 
     responses = asyncio.run(_send_cases(server.url, cases))
 
@@ -919,7 +812,7 @@ def test_hostile_requests(server_factory, refs, world, tmp_path, summary):
     alive = server.alive() and httpx.get(f"{server.url}/healthz").status_code == 200
     ready = httpx.get(f"{server.url}/readyz").json()
     listing_after, rows_after = httpx.get(f"{server.url}/v1/adapters").json(), server.db_rows()
-    uploads_after = sorted(p.name for p in (server.root / "uploads").iterdir())
+    uploads_after = sorted(p.name for p in (server.adapter_root / "uploads").iterdir())
     # and the served numbers are still right (a refused adapter must leave no trace in the model)
     for adapter in (None, "a1", "a2"):
         body = {"inputs": [[1, 5, 9, 12, 7, 30], [1, 40, 41]], "adapter": adapter, "top_k": 8,
@@ -938,7 +831,7 @@ def test_hostile_requests(server_factory, refs, world, tmp_path, summary):
     assert alive and ready["status"] == "ready" and ready["adapters"] == 2
     assert listing_after == listing_before and rows_after == rows_before
     assert uploads_after == uploads_before  # refused uploads left nothing behind
-    assert not any((server.root / ".incoming").iterdir())
+    assert not any((server.adapter_root / ".incoming").iterdir())
     assert server.unexpected_errors() == 0, server.log_tail()
 
 
@@ -964,11 +857,11 @@ def _check_after_restart(server: ServerProcess, refs: Reference, churn: Churn) -
             refs.check({**body, "adapter": name}, r.json(), churn.source[name])
         except AssertionError as exc:
             broken.append(f"{name}: numbers differ: {exc}")
-    uploads = server.root / "uploads"
+    uploads = server.adapter_root / "uploads"
     referenced = {info["path"] for info in listed.values() if info["source"] == "upload"}
     orphans = [p for p in uploads.iterdir()
                if f"uploads/{p.name}" not in referenced] if uploads.exists() else []
-    incoming = server.root / ".incoming"
+    incoming = server.adapter_root / ".incoming"
     result = {"listed": len(listed), "committed": sum(s == "present" for s in churn.state.values()),
               "in_flight": sum(s == "unknown" for s in churn.state.values()),
               "in_flight_present": sum(s == "unknown" and n in listed for n, s in churn.state.items()),
@@ -982,7 +875,7 @@ def _check_after_restart(server: ServerProcess, refs: Reference, churn: Churn) -
 
 
 def test_kill9_during_registration_and_load(server_factory, refs, world, summary):
-    server = server_factory("kill9", **LIMITS, **ROOMY_QUEUE).start()
+    server = server_factory("kill9", **SERVER, **ROOMY_QUEUE).start()
     _register_stable(server)
     churn = Churn(state={name: "present" for name in STABLE}, source={name: name for name in STABLE})
     uploads = {name: _tar_dir(world.adapters / name) for name in ("a1", "a2")}
@@ -1081,7 +974,7 @@ def test_kill9_during_registration_and_load(server_factory, refs, world, summary
 def test_queue_overload(server_factory, refs, summary):
     max_queue = 4
     server = server_factory("overload", LORASAE_MAX_QUEUE=str(max_queue), LORASAE_MAX_BATCH="1",
-                            LORASAE_MAX_WAIT_MS="0", **LIMITS).start()
+                            LORASAE_MAX_WAIT_MS="0", **SERVER).start()
     pool_ids, _ = _pools(refs.vocab_size)
     rng = random.Random(0)
     body = {"inputs": [[1] + [rng.randrange(3, refs.vocab_size) for _ in range(120)] for _ in range(2)],

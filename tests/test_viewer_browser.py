@@ -9,14 +9,9 @@ Needs Debian's chromium (Playwright's own browser downloads are not used):
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,9 +19,8 @@ import pytest
 
 from lorasae_client import LoraSaeClient
 
-from service_fixtures import world  # noqa: F401
+from service_fixtures import REPO, ServerProcess, world  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
 STATIC = REPO / "service" / "static"
 SCREENSHOT = REPO / "test-output" / "viewer.png"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,46 +33,11 @@ TOP_K, LOGITS_TOP_K = 8, 5
 TOL = dict(rel=1e-4, abs=1e-4)  # shown with 4 decimals; separate forwards may batch differently
 
 
-@dataclass
-class Server:
-    url: str
-    adapter_root: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(world, tmp_path_factory) -> Iterator[Server]:  # noqa: F811 - the imported fixture
+def server(world, tmp_path_factory) -> Iterator[ServerProcess]:  # noqa: F811 - the imported fixture
     """`lorasae serve` with both SAEs of the tiny world and no API key, ready before the test runs."""
-    tmp = tmp_path_factory.mktemp("viewer")
-    settings = world.settings(tmp)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "lorasae.training.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--model", str(world.model), "--sae", str(world.saes[1]),
-           "--sae", str(world.saes[2]), "--adapter-root", str(settings.adapter_root),
-           "--db", str(tmp / "registry.sqlite3"), "--device", "cpu"]
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, "LORASAE_MAX_WAIT_MS": "3"}, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            with LoraSaeClient(url, timeout=30) as api:
-                try:
-                    api.wait_ready(timeout=90)
-                except Exception as exc:
-                    raise AssertionError(log_path.read_text()[-3000:]) from exc
-            yield Server(url=url, adapter_root=settings.adapter_root)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with ServerProcess(world, tmp_path_factory.mktemp("viewer"), LORASAE_MAX_WAIT_MS="3") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +69,7 @@ def page(browser, server):
     assert js_errors == [], f"uncaught errors in the page: {js_errors}"
 
 
-def _open(page, server: Server) -> None:
+def _open(page, server: ServerProcess) -> None:
     page.goto(server.url + "/")
     page.wait_for_selector('#status[data-state="ready"]')
 
@@ -121,7 +80,7 @@ def _run(page, runs: int) -> None:
     page.wait_for_selector(f'#tokens[data-state="done"][data-run="{runs}"]')
 
 
-def _features(server: Server, **body) -> dict:
+def _features(server: ServerProcess, **body) -> dict:
     body = {"inputs": TEXT, "top_k": TOP_K, "logits": "top_k", "logits_top_k": LOGITS_TOP_K, **body}
     resp = httpx.post(server.url + "/v1/features", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
