@@ -151,9 +151,18 @@ class Registry:
             self._count()
 
     async def restore(self) -> None:
-        """Load every registered adapter again (called at start)."""
+        """Load every registered adapter again (called at start), and sweep away what a killed
+        server left half-done: unpacked uploads never committed (``.incoming``) and upload folders
+        no row refers to (the server owns both folders; nothing else is touched)."""
         with self._db_lock:
             rows = self._conn.execute("SELECT name, path, source, info FROM adapters ORDER BY name").fetchall()
+        shutil.rmtree(self.root / INCOMING, ignore_errors=True)
+        referenced = {path for _, path, source, _ in rows if source == "upload"}
+        uploads = self.root / UPLOADS
+        for leftover in sorted(uploads.iterdir()) if uploads.is_dir() else []:
+            if f"{UPLOADS}/{leftover.name}" not in referenced:
+                log.warning("removing %s: an upload no registration refers to", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
         for name, path, source, info_json in rows:
             info = json.loads(info_json)
             try:
