@@ -96,10 +96,22 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LorasaeError(f"cannot load model {spec!r}: {first}") from exc
+    _forget_gguf_origin(model)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, device=dev, dtype=dt)
+
+
+def _forget_gguf_origin(model: nn.Module) -> None:
+    """A GGUF file read into plain float tensors is an ordinary model: drop transformers' GGUF
+    quantizer marks, which would refuse ``save_pretrained`` (`lorasae merge`) for no reason.
+    Kept when the weights stay packed (GPU GGUF kernels): those cannot be saved as they are."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf" \
+            and all(p.is_floating_point() for p in model.parameters()):
+        quantizer.remove_quantization_config(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -39,6 +39,18 @@ def test_default_model_is_a_real_language_model(default_lm):
     assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1]:])
 
 
+def test_default_model_saves_as_a_plain_hf_model(default_lm, tmp_path):
+    """Read from GGUF into fp32, it is an ordinary model: `lorasae merge` can save it, and the saved
+    folder loads back to the same weights (same fingerprint, so adapters still match)."""
+    from lorasae.models import model_fingerprint
+
+    assert getattr(default_lm.model, "hf_quantizer", None) is None and not default_lm.model.is_quantized
+    default_lm.model.save_pretrained(tmp_path)
+    default_lm.tokenizer.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    assert model_fingerprint(again.model) == model_fingerprint(default_lm.model)
+
+
 def test_default_corpus_splits_are_large_and_disjoint(default_lm):
     train = token_stream(default_lm.tokenizer, "train")
     heldout = token_stream(default_lm.tokenizer, "heldout")
