@@ -42,7 +42,7 @@ def test_plan_shares_runs_between_sweeps(tiny_world, sparse_sae):
     runs = {r.name: r for r in plan(_cfg(tiny_world, sparse_sae))}
     assert set(runs) == {"lora-sae1-r1", "lora-sae1-r4", "lora-k4-r4", "e2e-sae1", "e2e-k4",
                          "lora-sae1-r4-all", "lora-sae2-r4"}
-    assert runs["lora-sae1-r4"].sweeps == ["rank", "sparsity", "layers", "layer"]
+    assert runs["lora-sae1-r4"].sweeps == ["rank", "layers", "layer", "sparsity"]
     assert runs["lora-sae1-r4-all"].cfg.layers == "all" and runs["lora-sae1-r1"].cfg.rank == 1
     assert runs["e2e-k4"].cfg.saes == [str(sparse_sae)] and runs["e2e-k4"].cfg.lr == 1e-2
     # every run sees the same data and schedule
@@ -86,3 +86,9 @@ def test_sweep_table_plots_and_reuse(tiny_world, sparse_sae, tmp_path, capsys, m
     again = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in again["rows"]] == ["lora-sae1-r1", "lora-sae1-r4"]
     assert again["rows"][0] == rows["lora-sae1-r1"]
+    # --report tabulates what is finished and trains nothing (rank 8 was never run)
+    report_args = [a if a != "1,4" else "1,4,8" for a in args] + ["--only", "rank", "--report"]
+    assert main(report_args) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in reported["rows"]] == ["lora-sae1-r1", "lora-sae1-r4"]
+    assert not (tmp_path / "lora-sae1-r8").exists()

@@ -155,7 +155,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                       layer_saes=args.layer_sae or [], ranks=[int(r) for r in args.ranks.split(",")],
                       rank=args.rank, e2e_lr=args.e2e_lr, e2e=not args.no_e2e)
     only = set(args.only.split(",")) if args.only else None
-    result = run_sweep(cfg, Path(args.out), only)
+    result = run_sweep(cfg, Path(args.out), only, report=args.report)
     print(format_table(result["rows"]), file=sys.stderr, flush=True)
     _write_json(result, None)
 
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=w.loop.eval_tokens)
     p.add_argument("--seed", type=int, default=w.loop.seed)
     p.add_argument("--only", default=None, help="comma list of sweeps: rank,layers,sparsity,layer")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: table and plots of the runs finished so far")
     p.add_argument("--out", default="lorasae-sweep", help="folder for every run and sweep.json")
     p.set_defaults(func=cmd_sweep)
 

@@ -52,7 +52,7 @@ class Run:
     cfg: LoraTrainConfig | E2eTrainConfig
 
 
-def default_saes(cfg: SweepConfig, only: set[str] | None = None) -> SweepConfig:
+def default_saes(cfg: SweepConfig, only: set[str] | None = None, train: bool = True) -> SweepConfig:
     """On the default model, fill in the SAEs not given with default SAEs (trained by `train-sae`
     and cached if missing, and only those the selected sweeps need)."""
     if cfg.loop.model != DEFAULT_MODEL:
@@ -73,7 +73,7 @@ def default_saes(cfg: SweepConfig, only: set[str] | None = None) -> SweepConfig:
     if wanted("layer", cfg.layer_saes):
         needed["layer_saes"] = [SaeTrainingConfig(layer=8)]
     missing = [c for cs in needed.values() for c in cs if not (default_sae_dir(c) / "cfg.json").exists()]
-    if missing:
+    if missing and train:
         lm = load_model()
         for c in missing:
             ensure_default_sae(lm, c)
@@ -97,16 +97,16 @@ def plan(cfg: SweepConfig) -> list[Run]:
 
     for rank in cfg.ranks:
         lora(f"lora-{_short(cfg.sae)}-r{rank}", "rank", cfg.sae, rank)
-    for sae in [cfg.sae, *cfg.sparsity_saes]:
-        lora(f"lora-{_short(sae)}-r{cfg.rank}", "sparsity", sae, cfg.rank)
-        if cfg.e2e:
-            name = f"e2e-{_short(sae)}"
-            runs[name] = Run(name, ["sparsity"], "e2e",
-                             E2eTrainConfig(**{**base, "saes": [sae], "lr": cfg.e2e_lr}))
     lora(f"lora-{_short(cfg.sae)}-r{cfg.rank}", "layers", cfg.sae, cfg.rank)
     lora(f"lora-{_short(cfg.sae)}-r{cfg.rank}-all", "layers", cfg.sae, cfg.rank, "all")
     for sae in [cfg.sae, *cfg.layer_saes]:
         lora(f"lora-{_short(sae)}-r{cfg.rank}", "layer", sae, cfg.rank)
+    for sae in [cfg.sae, *cfg.sparsity_saes]:
+        lora(f"lora-{_short(sae)}-r{cfg.rank}", "sparsity", sae, cfg.rank)
+    for sae in [cfg.sae, *cfg.sparsity_saes] if cfg.e2e else []:  # the costliest runs last
+        name = f"e2e-{_short(sae)}"
+        runs[name] = Run(name, ["sparsity"], "e2e",
+                         E2eTrainConfig(**{**base, "saes": [sae], "lr": cfg.e2e_lr}))
     return list(runs.values())
 
 
@@ -190,16 +190,21 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None) -> dict:
-    cfg = default_saes(cfg, only)
+def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None,
+              report: bool = False) -> dict:
+    """Run (or reuse) the planned runs; with ``report`` train nothing: tabulate and plot the
+    finished ones (e.g. while a long sweep is still going)."""
+    cfg = default_saes(cfg, only, train=not report)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in plan(cfg) if only is None or set(r.sweeps) & only]
+    if report:
+        runs = [r for r in runs if any((out / r.name / m).exists() for m in DONE_MARKERS)]
     rows = []
+    result = {"config": asdict(cfg), "rows": rows}
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name} ({', '.join(run.sweeps)})", file=sys.stderr, flush=True)
         rows.append(row(run, _run(run, out / run.name)))
-        result = {"config": asdict(cfg), "rows": rows}
         write_json_atomic(out / SWEEP_FILE, result)  # partial results survive a kill
     result["plots"] = [str(p) for p in plot_sweep(rows, out)]
     write_json_atomic(out / SWEEP_FILE, result)
