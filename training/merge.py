@@ -28,7 +28,7 @@ from lorasae.data import DEFAULT_CORPUS, packed_sequences
 from lorasae.downstream import TASK_NAME, continuation_items, jsonl_items, mc_accuracy
 from lorasae.errors import LorasaeError
 from lorasae.manifest import AdapterManifest
-from lorasae.metrics import evaluate
+from lorasae.metrics import spliced_ce
 from lorasae.models import DEFAULT_MODEL, load_model, model_fingerprint
 from lorasae.training.eval import load_adapter, resolve_saes
 
@@ -52,8 +52,7 @@ class MergeConfig:
 
 
 def _downstream(model: torch.nn.Module, saes, sequences, items, pad: int) -> dict:
-    result = evaluate(model, saes, sequences)
-    return {"ce": result["ce_clean"], "ce_spliced": result["ce_spliced"],
+    return {"ce": spliced_ce(model, [], sequences), "ce_spliced": spliced_ce(model, saes, sequences),
             "mc": mc_accuracy(model, items, pad_id=pad)}
 
 
