@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorasae.errors import LorasaeError
 from lorasae.models import DEFAULT_MODEL
-from lorasae.training.loop import CHECKPOINT_DIR, DONE_MARKERS, METRICS_FILE, LoopConfig, write_json_atomic
+from lorasae.training.loop import LoopConfig, reuse_or_train, write_json_atomic
 from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
 from lorasae.training.train_lora import LoraTrainConfig, train_lora
 
@@ -70,16 +70,6 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None:
         return None
     return num / den if den > 0 else float("inf")
-
-
-def _run(kind: str, cfg, out: Path, train) -> dict:
-    """Reuse a finished run (same settings), resume an interrupted one, else start it."""
-    if any((out / m).exists() for m in DONE_MARKERS):
-        metrics = json.loads((out / METRICS_FILE).read_text())
-        if metrics["config"] != asdict(cfg):
-            raise LorasaeError(f"{out} holds a {kind} run with other settings; choose another --out")
-        return metrics
-    return train(cfg, out, resume=(out / CHECKPOINT_DIR).exists())
 
 
 def sae_training_seconds(sae_dir: str) -> float | None:
@@ -166,8 +156,8 @@ def run_compare(cfg: CompareConfig, out: Path) -> dict:
         raise LorasaeError("compare takes one --sae (the e2e baseline trains one SAE)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lora = _run("LoRA-SAE", cfg.lora(), out / "lora", train_lora)
-    e2e = _run("e2e", cfg.e2e(), out / "e2e", train_e2e)
+    lora = reuse_or_train(cfg.lora(), out / "lora", train_lora)
+    e2e = reuse_or_train(cfg.e2e(), out / "e2e", train_e2e)
     result = summarise(cfg, lora, e2e, sae_training_seconds(cfg.loop.saes[0]))
     write_json_atomic(out / COMPARE_FILE, result)
     plot_compare(result, out / COMPARE_PLOT)

@@ -134,7 +134,7 @@ def _save_checkpoint(out: Path, state: dict) -> None:
 def _prepare_out(out: Path, resume: bool) -> dict | None:
     """Refuse to overwrite finished or interrupted runs unless resuming; return the checkpoint state."""
     ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
-    done = any((out / marker).exists() for marker in DONE_MARKERS)
+    done = is_finished(out)
     if resume:
         if ckpt.exists():
             return torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -144,6 +144,22 @@ def _prepare_out(out: Path, resume: bool) -> dict | None:
     if done or ckpt.exists():
         raise LorasaeError(f"{out} already holds a run; pass --resume or choose another --out")
     return None
+
+
+def is_finished(out: Path) -> bool:
+    return any((Path(out) / marker).exists() for marker in DONE_MARKERS)
+
+
+def reuse_or_train(cfg: LoopConfig, out: Path, train: Callable[..., dict]) -> dict:
+    """A finished run's metrics when ``out`` holds one with these settings; else ``train`` it,
+    resuming an interrupted run (what `compare` and `sweep` do with each of their runs)."""
+    out = Path(out)
+    if is_finished(out):
+        metrics = json.loads((out / METRICS_FILE).read_text())
+        if metrics["config"] != asdict(cfg):
+            raise LorasaeError(f"{out} holds a run with other settings; choose another --out")
+        return metrics
+    return train(cfg, out, resume=(out / CHECKPOINT_DIR).exists())
 
 
 BuildObjective = Callable[[LoadedModel, list[LoadedSAE], object], Objective]
@@ -265,7 +281,7 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
     if main:
         metrics["final"] = objective.evaluate(heldout)
         metrics["train"] = {"steps": step, "tokens": step * tokens_per_step,
-                            "seconds": round(elapsed, 1), "stop_reason": stop_reason,
+                            "seconds": round(elapsed, 2), "stop_reason": stop_reason,
                             "tokens_per_second": round(step * tokens_per_step / max(elapsed, 1e-9), 1),
                             "processes": accelerator.num_processes}
         write_json_atomic(out / METRICS_FILE, metrics)

@@ -17,14 +17,13 @@ stopped. Results: ``sweep.json`` (one row per run), ``sweep_rank.png`` (gap clos
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lorasae.errors import LorasaeError
 from lorasae.models import DEFAULT_MODEL
-from lorasae.training.loop import CHECKPOINT_DIR, DONE_MARKERS, METRICS_FILE, LoopConfig, write_json_atomic
+from lorasae.training.loop import LoopConfig, is_finished, reuse_or_train, write_json_atomic
 from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
 from lorasae.training.train_lora import LoraTrainConfig, train_lora
 
@@ -114,16 +113,6 @@ def _short(spec: str) -> str:
     return Path(spec).name.replace("/", "_") or spec
 
 
-def _run(run: Run, out: Path) -> dict:
-    if any((out / m).exists() for m in DONE_MARKERS):
-        metrics = json.loads((out / METRICS_FILE).read_text())
-        if metrics["config"] != asdict(run.cfg):
-            raise LorasaeError(f"{out} holds a run with other settings; choose another --out")
-        return metrics
-    train = train_lora if run.kind == "lora" else train_e2e
-    return train(run.cfg, out, resume=(out / CHECKPOINT_DIR).exists())
-
-
 def row(run: Run, metrics: dict) -> dict:
     """One table row: what was swept and what it gave."""
     start, final = metrics["start"], metrics["final"]
@@ -199,12 +188,13 @@ def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in plan(cfg) if only is None or set(r.sweeps) & only]
     if report:
-        runs = [r for r in runs if any((out / r.name / m).exists() for m in DONE_MARKERS)]
+        runs = [r for r in runs if is_finished(out / r.name)]
     rows = []
     result = {"config": asdict(cfg), "rows": rows}
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name} ({', '.join(run.sweeps)})", file=sys.stderr, flush=True)
-        rows.append(row(run, _run(run, out / run.name)))
+        train = train_lora if run.kind == "lora" else train_e2e
+        rows.append(row(run, reuse_or_train(run.cfg, out / run.name, train)))
         write_json_atomic(out / SWEEP_FILE, result)  # partial results survive a kill
     result["plots"] = [str(p) for p in plot_sweep(rows, out)]
     write_json_atomic(out / SWEEP_FILE, result)
