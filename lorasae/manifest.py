@@ -10,21 +10,26 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from lorasae.errors import LorasaeError
 from lorasae.saes import LoadedSAE, sae_fingerprint
 
 MANIFEST_FILE = "lorasae.json"
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few KB; bigger is not one
+_Text = Annotated[str, Field(max_length=4096)]
 
 
 @dataclass
 class SaeEntry:
-    id: str
-    hook_name: str
-    layer: int
-    d_sae: int
-    fingerprint: str
+    id: _Text
+    hook_name: Annotated[str, Field(max_length=256)]
+    layer: Annotated[int, Field(ge=0, le=100_000)]
+    d_sae: Annotated[int, Field(ge=1)]
+    fingerprint: Annotated[str, Field(max_length=128)]
 
     @classmethod
     def of(cls, loaded: LoadedSAE) -> SaeEntry:
@@ -34,14 +39,14 @@ class SaeEntry:
 
 @dataclass
 class AdapterManifest:
-    base_model: str
-    base_model_fingerprint: str
-    saes: list[SaeEntry]
-    lora: dict  # rank, alpha, dropout, target_modules, layers_to_transform, layers
-    training: dict = field(default_factory=dict)  # tokens, steps, seconds, lr, seed, corpus, ...
-    eval_before: dict | None = None
-    eval_after: dict | None = None
-    created_at: str = ""
+    base_model: _Text
+    base_model_fingerprint: Annotated[str, Field(max_length=128)]
+    saes: Annotated[list[SaeEntry], Field(min_length=1, max_length=256)]
+    lora: dict[str, Any]  # rank, alpha, dropout, target_modules, layers_to_transform, layers
+    training: dict[str, Any] = field(default_factory=dict)  # tokens, steps, seconds, lr, seed, ...
+    eval_before: dict[str, Any] | None = None
+    eval_after: dict[str, Any] | None = None
+    created_at: Annotated[str, Field(max_length=64)] = ""
     version: int = MANIFEST_VERSION
 
     def save(self, directory: Path) -> Path:
@@ -52,16 +57,21 @@ class AdapterManifest:
         return path
 
     @classmethod
-    def load(cls, directory: Path | str) -> AdapterManifest:
+    def load(cls, directory: Path | str, where: str | None = None) -> AdapterManifest:
+        """Read and strictly validate ``lorasae.json`` (types, not only JSON syntax: a manifest is
+        also an upload from a stranger). ``where`` names the folder in messages (default: its path)."""
         path = Path(directory) / MANIFEST_FILE
+        where = str(directory) if where is None else where
         try:
-            raw = json.loads(path.read_text())
-            raw["saes"] = [SaeEntry(**s) for s in raw["saes"]]
-            return cls(**raw)
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise LorasaeError(f"{MANIFEST_FILE} in {where} is over {MAX_MANIFEST_BYTES} bytes")
+            return _MANIFEST.validate_json(path.read_bytes(), strict=True)
         except FileNotFoundError as exc:
-            raise LorasaeError(f"no {MANIFEST_FILE} in {directory}: not a lorasae adapter") from exc
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LorasaeError(f"corrupt {MANIFEST_FILE} in {directory}: {exc}") from exc
+            raise LorasaeError(f"no {MANIFEST_FILE} in {where}: not a lorasae adapter") from exc
+        except ValidationError as exc:
+            raise LorasaeError(f"invalid {MANIFEST_FILE} in {where}: {validation_summary(exc)}") from exc
+        except OSError as exc:
+            raise LorasaeError(f"cannot read {MANIFEST_FILE} in {where}: {exc.strerror}") from exc
 
     def mismatches(self, model_fingerprint: str, saes: list[LoadedSAE]) -> list[str]:
         """Why this adapter does not fit the loaded model and SAEs (empty when it fits).
@@ -85,3 +95,15 @@ class AdapterManifest:
         problems = self.mismatches(model_fingerprint, saes)
         if problems:
             raise LorasaeError("adapter does not match: " + "; ".join(problems))
+
+
+_MANIFEST = TypeAdapter(AdapterManifest)
+
+
+def validation_summary(exc: ValidationError, limit: int = 3) -> str:
+    """The first errors of a pydantic validation, each as ``field.path: message``."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)

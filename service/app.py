@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,16 +22,14 @@ from lorasae.errors import LorasaeError
 
 from .deps import Service
 from .engine import Engine
-from .errors import ServiceError
+from .errors import ServiceError, json_error
+from .limits import EdgeMiddleware
 from .routes import adapters, features, health, viewer
 from .settings import Settings
 
 log = logging.getLogger("lorasae.service")
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
+# metric labels: anything else collapses into "other" (a client must not create series at will)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -70,7 +67,8 @@ class _MetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             metrics = self.service.metrics
-            metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            metrics.requests.labels(method, path, str(status["code"])).inc()
             metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
@@ -83,6 +81,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         loader = None
         if engine is not None:
             await service.start()
+            if service.error:  # the caller loaded the model and waits for a working server
+                raise RuntimeError(f"startup failed: {service.error}")
         else:
             loader = asyncio.create_task(service.start())
         try:
@@ -101,33 +101,34 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(viewer.router)
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")
-    app.add_middleware(_MetricsMiddleware, service=service)
+    app.add_middleware(EdgeMiddleware, settings=settings)  # inner: sees only allowed hosts
+    app.add_middleware(_MetricsMiddleware, service=service)  # outer: counts refusals too
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return json_error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(LorasaeError)
     async def _lorasae_error(_request: Request, exc: LorasaeError):
-        return error_response(400, "bad_request", str(exc))
+        return json_error(400, "bad_request", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError):
-        return error_response(422, "validation_error", _validation_message(exc))
+        return json_error(422, "validation_error", _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
             # FastAPI's body parsing failed beyond a JSON syntax error (bytes that are not UTF-8,
             # nesting too deep): malformed JSON all the same, answered like any other (422)
-            return error_response(422, "validation_error",
+            return json_error(422, "validation_error",
                                   f"body: not valid JSON ({type(exc.__cause__).__name__})")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return json_error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
         log.exception("unexpected error")
-        return error_response(500, "internal_error", f"{type(exc).__name__} (see the server log)")
+        return json_error(500, "internal_error", f"{type(exc).__name__} (see the server log)")
 
     return app

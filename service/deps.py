@@ -25,6 +25,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.owns_engine = engine is None  # loaded here: closed here
+        settings.check_safe()  # no unauthenticated admin API on a reachable address
         self.api_key = settings.resolved_api_key()
         self.metrics = Metrics()
         self.registry: Registry | None = None
@@ -40,7 +41,8 @@ class Service:
                 log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
                 self.engine = await asyncio.to_thread(Engine.from_settings, s)
             self.registry = Registry(self.engine, s.adapter_root, s.db_path,
-                                     max_upload_bytes=int(s.max_upload_mb * 2**20), metrics=self.metrics)
+                                     max_upload_bytes=int(s.max_upload_mb * 2**20), metrics=self.metrics,
+                                     unpack_timeout_s=s.unpack_timeout_s)
             await self.registry.restore()
             self.batcher = Batcher(self.engine, max_batch=s.max_batch,
                                    max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,

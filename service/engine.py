@@ -15,6 +15,7 @@ those small tensors to the CPU.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import warnings
@@ -32,7 +33,8 @@ from lorasae.saes import LoadedSAE, check_distinct_layers, sae_fingerprint
 from lorasae.splice import Splice
 from lorasae_client.schemas import BASE_ADAPTER
 
-from .errors import ServiceError
+from .adapter_config import read_lora_config
+from .errors import ServiceError, shown
 
 log = logging.getLogger("lorasae.service")
 
@@ -49,6 +51,7 @@ class Row:
     top_k: int = 8
     logits: str = "none"
     logits_top_k: int = 5
+    generation: int = 0  # of the adapter when the request was accepted (0: no adapter)
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -81,6 +84,7 @@ class ValidatedAdapter:
 @dataclass
 class _Slot:
     layers: tuple[int, ...]
+    generation: int  # unique per registration: a name deleted and registered again gets a new one
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Engine:
         self._anchor: tuple[list[int], str] | None = None
         self._tok_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lorasae-engine")
+        self._generations = itertools.count(1)
 
     # ------------------------------------------------------------ construction
 
@@ -207,9 +212,11 @@ class Engine:
         out: list[RowOutput | ServiceError | None] = [None] * len(rows)
         live = []
         for i, row in enumerate(rows):
-            if row.adapter is not None and row.adapter not in self.adapters:
-                out[i] = ServiceError(404, "unknown_adapter",
-                                      f"adapter {row.adapter!r} is not loaded (deleted?)")
+            slot = self.adapters.get(row.adapter) if row.adapter is not None else None
+            if row.adapter is not None and (slot is None or slot.generation != row.generation):
+                # deleted, or deleted and registered again, while the request waited in the queue
+                out[i] = ServiceError(404, "unknown_adapter", f"adapter {shown(row.adapter)} was "
+                                      "deleted or replaced while the request was queued")
             else:
                 live.append(i)
         if live:
@@ -279,34 +286,26 @@ class Engine:
         Raises ServiceError 400 (not an adapter, corrupt files) or 409 (does not fit the loaded
         model or SAEs: manifest fingerprints, LoRA module names and shapes).
         """
-        from peft import LoraConfig, PeftType
+        from peft import LoraConfig
         from safetensors.torch import load_file
 
         from lorasae.manifest import AdapterManifest
 
         directory = Path(directory)
         try:
-            manifest = AdapterManifest.load(directory)
+            manifest = AdapterManifest.load(directory, where="the adapter folder")
         except LorasaeError as exc:
             raise ServiceError(400, "invalid_adapter", str(exc)) from exc
         problems = manifest.mismatches(self.model_fingerprint, self.saes)
         if problems:
             raise ServiceError(409, "adapter_mismatch", "adapter does not match the loaded model "
                                "and SAEs: " + "; ".join(problems))
-        if not (directory / "adapter_config.json").is_file():
-            raise ServiceError(400, "invalid_adapter", "no adapter_config.json (not a peft adapter)")
+        raw = read_lora_config(directory)  # strict: types, plain module names, plain LoRA only
         try:
-            config = LoraConfig.from_pretrained(str(directory))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-            raise ServiceError(400, "invalid_adapter", f"cannot read adapter_config.json: {exc}") from exc
-        if config.peft_type not in (PeftType.LORA, "LORA"):
-            raise ServiceError(400, "invalid_adapter", f"not a LoRA adapter ({config.peft_type})")
-        if getattr(config, "use_dora", False):
-            raise ServiceError(400, "invalid_adapter", "DoRA adapters cannot share a mixed batch")
-        ranks = [config.r, *(config.rank_pattern or {}).values()]
-        if any(not isinstance(r, int) or r < 1 for r in ranks):
-            raise ServiceError(400, "invalid_adapter", "LoRA ranks must be positive integers "
-                               f"(r={config.r!r}, rank_pattern={config.rank_pattern!r})")
+            config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**raw))
+        except Exception as exc:  # noqa: BLE001 - peft's own checks of the values
+            raise ServiceError(400, "invalid_adapter",
+                               f"adapter_config.json: {type(exc).__name__}: {str(exc)[:300]}") from exc
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():
             raise ServiceError(400, "invalid_adapter", "no adapter_model.safetensors")
@@ -319,7 +318,7 @@ class Engine:
                     if not t.is_floating_point() or not torch.isfinite(t).all()), None)
         if bad is not None:  # NaN/inf weights would put NaN into every answer (not even valid JSON)
             raise ServiceError(400, "invalid_adapter",
-                               f"adapter_model.safetensors: {bad!r} is not a finite floating-point tensor")
+                               f"adapter_model.safetensors: {shown(bad)} is not a finite floating-point tensor")
         self._check_shapes(config, state)
         self._check_targets(config, state)
         layers = tuple(sorted({e.layer for e in manifest.saes}))
@@ -331,29 +330,29 @@ class Engine:
             raise ServiceError(400, "invalid_adapter", "adapter_model.safetensors holds no weights")
         for key, tensor in state.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise ServiceError(409, "adapter_mismatch", f"unsupported adapter weight {key!r} "
+                raise ServiceError(409, "adapter_mismatch", f"unsupported adapter weight {shown(key)} "
                                    "(only LoRA A/B matrices on linear layers are served)")
             path, kind = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
             try:
                 module = base.get_submodule(path)
             except AttributeError as exc:
                 raise ServiceError(409, "adapter_mismatch",
-                                   f"adapter targets {path!r}, which the loaded model lacks") from exc
+                                   f"adapter targets {shown(path)}, which the loaded model lacks") from exc
             module = getattr(module, "base_layer", module)
             weight = getattr(module, "weight", None)
             if weight is None or weight.dim() != 2:
-                raise ServiceError(409, "adapter_mismatch", f"adapter targets {path!r}, not a linear layer")
+                raise ServiceError(409, "adapter_mismatch", f"adapter targets {shown(path)}, not a linear layer")
             if isinstance(module, torch.nn.Linear):
                 d_in, d_out = module.in_features, module.out_features
             else:  # transformers Conv1D (GPT-2): weight [in, out]
                 d_in, d_out = weight.shape
             if tensor.dim() != 2:
-                raise ServiceError(409, "adapter_mismatch", f"{key}: expected a matrix, got {tuple(tensor.shape)}")
+                raise ServiceError(409, "adapter_mismatch", f"{shown(key)}: expected a matrix, got {tuple(tensor.shape)}")
             r = tensor.shape[0] if kind == "lora_A" else tensor.shape[1]
             expected = (r, d_in) if kind == "lora_A" else (d_out, r)
             if tuple(tensor.shape) != expected:
                 raise ServiceError(409, "adapter_mismatch",
-                                   f"{key}: shape {tuple(tensor.shape)} does not fit {path} "
+                                   f"{shown(key)}: shape {tuple(tensor.shape)} does not fit {shown(path)} "
                                    f"(in {d_in}, out {d_out})")
 
     def _check_targets(self, config, state: dict[str, torch.Tensor]) -> None:
@@ -399,7 +398,7 @@ class Engine:
             self._drop(name)
             raise ServiceError(409, "adapter_mismatch",
                                f"adapter does not load into the model: {type(exc).__name__}: {exc}") from exc
-        self.adapters[name] = _Slot(layers=adapter.layers)
+        self.adapters[name] = _Slot(layers=adapter.layers, generation=next(self._generations))
 
     def remove_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)

@@ -18,3 +18,17 @@ class ServiceError(Exception):
 
 def not_found(what: str, name: str) -> ServiceError:
     return ServiceError(404, f"unknown_{what}", f"no {what} named {name!r}")
+
+
+def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    """The wire form of an error: ``{"error": {"code", "message"}}`` with ``status``."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: names echoed in messages stay short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"

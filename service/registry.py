@@ -3,33 +3,39 @@
 An adapter enters the registry only after every check passed (manifest fingerprints against the
 loaded model and SAEs, readable peft config and weights, LoRA module names and shapes) and its
 weights are in the model; the SQLite row is written last, in a transaction, and undone in the model
-if the write fails. Uploaded archives are unpacked in ``<root>/.incoming/`` and moved into
-``<root>/uploads/`` with one rename, so a half-written adapter is never visible. At start every row
-is validated and loaded again; a row that no longer loads (files changed or gone, another model)
-stays listed with ``status: "error"`` and its reason, and can be deleted.
+if the write fails. Uploaded archives are unpacked by a child process (``archive.py``: no links,
+no paths outside, bounded bytes, time and memory) in ``<root>/.incoming/``, synced to disk and moved
+into ``<root>/uploads/`` with one rename, so a half-written adapter is never visible. Both folders
+belong to the server: registering a path inside them is refused. At start every row is validated
+and loaded again; a row that no longer loads (files changed or gone, another model) stays listed
+with ``status: "error"`` and its reason, and can be deleted. One server per adapter root: a lock
+file (``.lorasae.lock``) refuses a second one, which would delete the first one's uploads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import math
 import os
-import shutil
 import sqlite3
-import tarfile
 import threading
 import uuid
-import zipfile
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from pydantic import ValidationError
+
+from lorasae.errors import LorasaeError
+from lorasae_client.schemas import AdapterInfo
 from lorasae.manifest import MANIFEST_FILE
 
+from .archive import remove_tree, unpack_adapter
 from .engine import Engine, ValidatedAdapter
-from .errors import ServiceError, not_found
+from .errors import ServiceError, not_found, shown
 from .metrics import Metrics
 
 log = logging.getLogger("lorasae.service")
@@ -37,6 +43,9 @@ log = logging.getLogger("lorasae.service")
 INCOMING = ".incoming"
 ADAPTER_FILES = (MANIFEST_FILE, "adapter_config.json", "adapter_model.safetensors")  # what is read
 UPLOADS = "uploads"
+RESERVED = (INCOMING, UPLOADS)  # the server's own folders under the root
+UPLOAD_MARK = ".lorasae-upload"  # in every folder the server unpacked: only those are swept
+LOCK_FILE = ".lorasae.lock"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     name TEXT PRIMARY KEY,
@@ -50,12 +59,15 @@ CREATE TABLE IF NOT EXISTS adapters (
 
 class Registry:
     def __init__(self, engine: Engine, adapter_root: Path, db_path: Path,
-                 max_upload_bytes: int = 1 << 30, metrics: Metrics | None = None) -> None:
+                 max_upload_bytes: int = 1 << 30, metrics: Metrics | None = None,
+                 unpack_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.root = Path(adapter_root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
+        self.unpack_timeout_s = unpack_timeout_s
         self.metrics = metrics
+        self._lock = _lock_root(self.root)
         db_path = Path(db_path).expanduser()
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(str(db_path), check_same_thread=False)
@@ -68,6 +80,7 @@ class Registry:
     def close(self) -> None:
         with self._db_lock:
             self._conn.close()
+        self._lock.close()  # releases the flock
 
     # ------------------------------------------------------------ reads
 
@@ -89,8 +102,10 @@ class Registry:
     # ------------------------------------------------------------ paths
 
     def resolve(self, relative: str) -> Path:
-        """The adapter folder ``relative`` names, refused unless it lies inside the adapter root,
-        and so do (after symlinks) the files of it the server reads."""
+        """The adapter folder ``relative`` names, refused unless it lies inside the adapter root
+        (and outside the server's own folders), and so do (after symlinks) the files of it the
+        server reads. Messages name the path as given, never the server's absolute paths."""
+        given = shown(relative)
         try:
             target = (self.root / Path(relative).expanduser()).resolve()
             outside = not self._inside(target)
@@ -98,14 +113,19 @@ class Registry:
             linked_out = [name for name in ADAPTER_FILES
                           if is_dir and not self._inside((target / name).resolve())]
         except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
-            raise ServiceError(400, "invalid_path", f"{relative!r} is not a usable path: {exc}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ServiceError(400, "invalid_path", f"{given} is not a usable path: {reason}") from exc
         if outside or linked_out:
-            what = f"{relative!r}" + (f" (its {linked_out[0]} links there)" if linked_out else "")
+            what = given + (f" (its {linked_out[0]} links there)" if linked_out else "")
             raise ServiceError(400, "path_outside_root",
                                f"{what} is outside the adapter root; register adapters from "
                                "inside it (paths are relative to the root)")
+        parts = target.relative_to(self.root).parts
+        if parts and parts[0] in RESERVED:
+            raise ServiceError(400, "path_reserved", f"{given} is inside the server's own "
+                               f"{parts[0]}/ folder; register uploads by uploading them")
         if not is_dir:
-            raise ServiceError(400, "path_not_found", f"no adapter folder {relative!r} in the adapter root")
+            raise ServiceError(400, "path_not_found", f"no adapter folder {given} in the adapter root")
         return target
 
     def _inside(self, path: Path) -> bool:
@@ -126,18 +146,19 @@ class Registry:
             incoming = self.root / INCOMING / uuid.uuid4().hex
             final = None
             try:
-                adapter_dir = await asyncio.to_thread(self._unpack, fileobj, filename, incoming)
+                adapter_dir = await asyncio.to_thread(self._unpack, fileobj, incoming)
                 validated = await asyncio.to_thread(self.engine.validate_adapter, adapter_dir)
                 final = self.root / UPLOADS / f"{name}-{uuid.uuid4().hex[:8]}"
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(adapter_dir, final)  # one rename: the adapter appears whole or not at all
+                _fsync_dir(final.parent)  # the rename is on disk before the row that refers to it
                 return await self._install(name, final, "upload", validated)
             except BaseException:
                 if final is not None:
-                    shutil.rmtree(final, ignore_errors=True)
+                    remove_tree(final)
                 raise
             finally:
-                shutil.rmtree(incoming, ignore_errors=True)
+                remove_tree(incoming)
 
     async def delete(self, name: str) -> None:
         async with self._admin:
@@ -147,29 +168,42 @@ class Registry:
             if name in self.engine.adapters:
                 await self.engine.call(self.engine.remove_adapter, name)
             if info["source"] == "upload":
-                shutil.rmtree(self.root / info["path"], ignore_errors=True)
+                remove_tree(self.root / info["path"])
             self._count()
 
     async def restore(self) -> None:
         """Load every registered adapter again (called at start), and sweep away what a killed
         server left half-done: unpacked uploads never committed (``.incoming``) and upload folders
-        no row refers to (the server owns both folders; nothing else is touched)."""
+        no row refers to. Only folders the server made are removed (``.incoming`` and uploads
+        carrying its mark); the sweep is best-effort: what cannot be removed is logged and left."""
         with self._db_lock:
             rows = self._conn.execute("SELECT name, path, source, info FROM adapters ORDER BY name").fetchall()
-        shutil.rmtree(self.root / INCOMING, ignore_errors=True)
+        remove_tree(self.root / INCOMING)
         referenced = {path for _, path, source, _ in rows if source == "upload"}
         uploads = self.root / UPLOADS
-        for leftover in sorted(uploads.iterdir()) if uploads.is_dir() else []:
-            if f"{UPLOADS}/{leftover.name}" not in referenced:
+        try:
+            leftovers = sorted(uploads.iterdir()) if uploads.is_dir() else []
+        except OSError as exc:
+            log.warning("cannot list %s: %s", uploads, exc)
+            leftovers = []
+        for leftover in leftovers:
+            if f"{UPLOADS}/{leftover.name}" in referenced:
+                continue
+            if (leftover / UPLOAD_MARK).is_file():
                 log.warning("removing %s: an upload no registration refers to", leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover)
+            else:
+                log.warning("leaving %s alone: not made by this server (uploads/ is the server's; "
+                            "keep adapters elsewhere in the root)", leftover)
         for name, path, source, info_json in rows:
-            info = json.loads(info_json)
+            info = _row_info(name, path, source, info_json)
             try:
-                directory = self.resolve(path)
+                directory = self.resolve(path) if source == "path" else self._owned(path)
                 validated = await asyncio.to_thread(self.engine.validate_adapter, directory)
                 await self.engine.call(self.engine.add_adapter, name, validated)
-                info.update(status="ready", error=None)
+                # described from the files as loaded now (the row only keeps its creation time)
+                info = {**self._info(name, directory, source, validated),
+                        "created_at": info["created_at"] or _now()}
             except Exception as exc:  # noqa: BLE001 - a stale row must not stop the server
                 message = exc.message if isinstance(exc, ServiceError) else str(exc)
                 log.warning("adapter %r not restored: %s", name, message)
@@ -220,10 +254,10 @@ class Registry:
             "layers_to_transform": layers,
             "source": source,
             "path": str(directory.relative_to(self.root)),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _now(),
             "status": "ready",
             "error": None,
-            "eval_after": manifest.eval_after,
+            "eval_after": finite_json(manifest.eval_after),
         }
 
     def _db_insert(self, info: dict) -> None:
@@ -241,9 +275,17 @@ class Registry:
         with self._db_lock, self._conn:
             self._conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
 
-    def _unpack(self, fileobj: BinaryIO, filename: str, incoming: Path) -> Path:
-        """Copy the upload (size-checked), unpack it safely, return the folder holding the adapter."""
-        incoming.mkdir(parents=True, exist_ok=True)
+    def _owned(self, relative: str) -> Path:
+        """An upload folder the server made (rows of source 'upload'), checked like any path."""
+        target = (self.root / relative).resolve()
+        if not self._inside(target) or not target.is_dir():
+            raise ServiceError(400, "path_not_found", f"the uploaded files of {shown(relative)} are gone")
+        return target
+
+    def _unpack(self, fileobj: BinaryIO, incoming: Path) -> Path:
+        """Copy the upload (size-checked) and unpack it in a child process; returns the folder
+        holding the adapter's files, marked as the server's and synced to disk."""
+        incoming.mkdir(parents=True)
         archive = incoming / "upload.bin"
         size = 0
         with open(archive, "wb") as out:
@@ -253,34 +295,71 @@ class Registry:
                     raise ServiceError(413, "upload_too_large",
                                        f"archive larger than {self.max_upload_bytes} bytes")
                 out.write(chunk)
-        dest = incoming / "unpacked"
-        dest.mkdir()
-        try:
-            if zipfile.is_zipfile(archive):
-                with zipfile.ZipFile(archive) as zf:
-                    total = 0
-                    for member in zf.infolist():
-                        parts = Path(member.filename).parts
-                        if member.filename.startswith("/") or ".." in parts:
-                            raise ServiceError(400, "invalid_archive", f"unsafe path {member.filename!r}")
-                        total += member.file_size
-                    if total > 4 * self.max_upload_bytes:
-                        raise ServiceError(413, "upload_too_large", "archive unpacks too large")
-                    zf.extractall(dest)
-            else:
-                with tarfile.open(archive) as tf:
-                    members = tf.getmembers()
-                    if sum(m.size for m in members) > 4 * self.max_upload_bytes:
-                        raise ServiceError(413, "upload_too_large", "archive unpacks too large")
-                    tf.extractall(dest, members=members, filter="data")
-        except ServiceError:
-            raise
-        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
-            raise ServiceError(400, "invalid_archive", f"cannot unpack {filename or 'the upload'}: "
-                               f"{exc} (send a .tar.gz, .tar or .zip of the adapter folder)") from exc
-        found = sorted(p.parent for p in dest.rglob(MANIFEST_FILE))
-        if len(found) != 1:
-            raise ServiceError(400, "invalid_adapter",
-                               f"the archive must hold exactly one adapter folder with {MANIFEST_FILE} "
-                               f"(found {len(found)})")
-        return found[0]
+        adapter_dir = unpack_adapter(archive, incoming / "adapter", max_bytes=self.max_upload_bytes,
+                                     timeout_s=self.unpack_timeout_s)
+        mark = adapter_dir / UPLOAD_MARK
+        mark.write_text("unpacked by lorasae serve; removed with its registration\n")
+        _fsync_file(mark)
+        _fsync_dir(adapter_dir)
+        return adapter_dir
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_root(root: Path):
+    """An exclusive, non-blocking flock on ``<root>/.lorasae.lock``, held while the server runs
+    (the kernel drops it when the process dies, also on kill -9)."""
+    handle = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise LorasaeError(f"the adapter root {root} is in use by another lorasae server "
+                           "(one server per adapter root: give each its own --adapter-root)") from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _row_info(name: str, path: str, source: str, info_json: str) -> dict:
+    """A row's stored AdapterInfo, re-validated: a row written by an older server (or edited by
+    hand) that no longer fits the schema is listed as an error instead of breaking the listing."""
+    try:
+        return AdapterInfo.model_validate_json(info_json).model_dump()
+    except ValidationError as exc:
+        log.warning("registry row %r unreadable: %s", name, exc)
+        return AdapterInfo(name=name, base_model="unknown", saes=[], created_at="",
+                           source="upload" if source == "upload" else "path", path=path,
+                           status="error", error="registry row unreadable").model_dump()
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (they are not JSON; a response holding
+    one would fail to render)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value

@@ -4,6 +4,7 @@ an optional TOML or JSON config file (``LORASAE_CONFIG`` or ``Settings.load(conf
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -51,8 +52,23 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill")
     max_queue: int = Field(256, ge=1, description="queued sequences; past it requests get 429")
     max_full_logits: int = Field(4_000_000, ge=0, description="tokens x vocab per request for logits=full")
-    max_upload_mb: float = Field(1024, gt=0, description="largest adapter archive accepted")
+    max_response_entries: int = Field(2_000_000, ge=1, description="tokens x (top_k x SAEs + "
+                                      "logits_top_k) per request: bounds the answer's size")
+    max_upload_mb: float = Field(1024, gt=0, description="largest adapter archive accepted "
+                                 "(compressed, and again unpacked)")
+    max_body_kb: int = Field(4096, ge=1, description="largest request body other than an upload")
+    unpack_timeout_s: float = Field(30.0, gt=0, description="longest an archive may take to unpack")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 429/503")
+    insecure_no_auth: bool = Field(False, description="allow binding a non-loopback address without "
+                                   "an API key (anyone who reaches the port can register adapters)")
+    allowed_hosts: list[str] | None = Field(None, description="Host headers accepted ('*', "
+                                            "'*.example.org'); default: loopback names when bound "
+                                            "to loopback, else any")
+    max_connections: int = Field(256, ge=1, description="open connections + requests in flight; "
+                                 "past it uvicorn answers 503")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send its headers")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest pause while sending a body")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
@@ -63,6 +79,30 @@ class Settings(BaseSettings):
             self.db_path = self.adapter_root / "registry.sqlite3"
         self.db_path = Path(self.db_path).expanduser()
         return self
+
+    def is_loopback(self) -> bool:
+        """Whether ``host`` only accepts connections from this machine."""
+        if self.host.strip("[]").lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
+
+    def trusted_hosts(self) -> list[str]:
+        """Host header patterns the server answers (DNS-rebinding guard)."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return ["localhost", "127.0.0.1", "::1", "*.localhost"] if self.is_loopback() else ["*"]
+
+    def check_safe(self) -> None:
+        """Refuse an unauthenticated admin API on a reachable address (and a bad key variable)."""
+        key = self.resolved_api_key()
+        if key is None and not self.is_loopback() and not self.insecure_no_auth:
+            raise LorasaeError(f"refusing to serve on {self.host} without an API key: anyone who "
+                               "reaches it could register and delete adapters. Set --api-key-env "
+                               "VAR (or LORASAE_API_KEY_ENV), bind 127.0.0.1, or pass "
+                               "--insecure-no-auth")
 
     def resolved_api_key(self) -> str | None:
         """The admin key (never logged): from ``api_key`` or the env var named by ``api_key_env``."""

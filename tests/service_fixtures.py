@@ -172,7 +172,7 @@ def client(settings, engine):
 
     from lorasae.service.app import create_app
 
-    with TestClient(create_app(settings, engine)) as test_client:
+    with TestClient(create_app(settings, engine), base_url="http://localhost") as test_client:
         yield test_client
 
 

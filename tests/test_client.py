@@ -81,7 +81,7 @@ def test_auth_error_is_typed(world, tmp_path, engine, monkeypatch):
 
     monkeypatch.setenv("TEST_LORASAE_KEY", "k3y")
     s = world.settings(tmp_path, api_key_env="TEST_LORASAE_KEY")
-    with TestClient(create_app(s, engine)) as c:
+    with TestClient(create_app(s, engine), base_url="http://localhost") as c:
         with pytest.raises(AuthenticationError, match="API key"):
             LoraSaeClient(http_client=c, api_key="").register_adapter("a1", "a1")
         with pytest.raises(AuthenticationError, match="invalid"):
@@ -136,7 +136,7 @@ def test_async_client(world, tmp_path, engine):
     async def main():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with AsyncLoraSaeClient("http://test", transport=transport) as api:
+            async with AsyncLoraSaeClient("http://localhost", transport=transport) as api:
                 await api.register_adapter("a1", "a1")
                 one, base = await asyncio.gather(api.features(TEXTS, adapter="a1"), api.features(TEXTS))
                 with pytest.raises(NotFoundError):

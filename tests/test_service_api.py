@@ -47,7 +47,7 @@ def test_health_ready_docs_metrics(client):
 
 def test_not_ready_is_503_with_retry_after(world, tmp_path):
     app = create_app(world.settings(tmp_path, model=str(tmp_path / "no-such-model")))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.get("/healthz").status_code == 200
         for _ in range(200):  # the background load fails quickly
             if app.state.service.error:
@@ -121,7 +121,7 @@ def test_features_token_ids_saes_and_full_logits(client, engine):
 ])
 def test_features_bad_input(world, tmp_path, engine, body, status, code):
     s = world.settings(tmp_path, max_tokens=64, max_inputs=8, max_full_logits=20_000)
-    with TestClient(create_app(s, engine)) as c:
+    with TestClient(create_app(s, engine), base_url="http://localhost") as c:
         _error(c.post("/v1/features", json=body), status, code)
         assert c.get("/healthz").status_code == 200  # still alive
 
@@ -235,7 +235,7 @@ def test_upload_refusals(client, settings):
 
 def test_upload_too_large(world, tmp_path, engine):
     s = world.settings(tmp_path, max_upload_mb=0.001)
-    with TestClient(create_app(s, engine)) as c:
+    with TestClient(create_app(s, engine), base_url="http://localhost") as c:
         data = _tar(s.adapter_root / "a1")
         assert len(data) > 0.001 * 2**20
         r = c.post("/v1/adapters", data={"name": "big"}, files={"file": ("a.tar.gz", data)})
@@ -245,7 +245,7 @@ def test_upload_too_large(world, tmp_path, engine):
 def test_api_key(world, tmp_path, engine, monkeypatch):
     monkeypatch.setenv("TEST_LORASAE_KEY", "s3cret")
     s = world.settings(tmp_path, api_key_env="TEST_LORASAE_KEY")
-    with TestClient(create_app(s, engine)) as c:
+    with TestClient(create_app(s, engine), base_url="http://localhost") as c:
         _error(register(c, "a1"), 401, "unauthorized")
         _error(register(c, "a1", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
         _error(register(c, "a1", headers={"Authorization": "Basic s3cret"}), 401, "unauthorized")
@@ -261,7 +261,7 @@ def test_api_key(world, tmp_path, engine, monkeypatch):
 def test_registry_survives_restart(world, tmp_path):
     s = world.settings(tmp_path)
     first = Engine.from_settings(s)
-    with TestClient(create_app(s, first)) as c:
+    with TestClient(create_app(s, first), base_url="http://localhost") as c:
         assert register(c, "a1").status_code == 201
         r = c.post("/v1/adapters", data={"name": "up"},
                    files={"file": ("a.tar.gz", _tar(s.adapter_root / "a2"))})
@@ -270,7 +270,7 @@ def test_registry_survives_restart(world, tmp_path):
     first.close()
     # a new app (new engine, same database): both adapters come back and give the same numbers
     second = Engine.from_settings(s)
-    with TestClient(create_app(s, second)) as c:
+    with TestClient(create_app(s, second), base_url="http://localhost") as c:
         names = [a["name"] for a in c.get("/v1/adapters").json()["adapters"]]
         assert names == ["a1", "up"]
         after = c.post("/v1/features", json={"inputs": TEXTS, "adapter": "up"}).json()
@@ -281,7 +281,7 @@ def test_registry_survives_restart(world, tmp_path):
     weights = s.adapter_root / "a1" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     third = Engine.from_settings(s)
-    with TestClient(create_app(s, third)) as c:
+    with TestClient(create_app(s, third), base_url="http://localhost") as c:
         info = c.get("/v1/adapters/a1").json()
         assert info["status"] == "error" and "corrupt" in info["error"]
         _error(c.post("/v1/features", json={"inputs": "a", "adapter": "a1"}), 409, "adapter_unavailable")

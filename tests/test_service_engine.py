@@ -21,8 +21,8 @@ from lorasae.splice import Splice
 from service_fixtures import TEXTS, client, engine, register, settings, world  # noqa: F401
 
 
-def _load(engine, name: str, settings) -> None:
-    engine.add_adapter(name, engine.validate_adapter(settings.adapter_root / name))
+def _load(engine, name: str, settings, source: str | None = None) -> None:
+    engine.add_adapter(name, engine.validate_adapter(settings.adapter_root / (source or name)))
 
 
 @pytest.mark.parametrize("adapter", [None, "a1", "a12"])
@@ -68,8 +68,8 @@ def test_mixed_adapter_batch_equals_one_by_one(engine, settings):
     for name in ("a1", "a2"):
         _load(engine, name, settings)
     layers = (1, 2)
-    rows = [Row([1, 5, 9, 12, 7], "a1", layers), Row([1, 40, 41], None, layers),
-            Row([1, 8, 8, 8, 8, 8, 2], "a2", layers), Row([1, 5, 9], "a1", layers)]
+    rows = [_row(engine, [1, 5, 9, 12, 7], "a1", layers), Row([1, 40, 41], None, layers),
+            _row(engine, [1, 8, 8, 8, 8, 8, 2], "a2", layers), _row(engine, [1, 5, 9], "a1", layers)]
     together = engine.run_batch(rows)
     for row, mixed in zip(rows, together):
         alone = engine.run_batch([row])[0]
@@ -81,24 +81,43 @@ def test_mixed_adapter_batch_equals_one_by_one(engine, settings):
                 assert a == pytest.approx(b, abs=1e-4)
             assert alone.recon_error[layer] == pytest.approx(mixed.recon_error[layer], rel=1e-4, abs=1e-4)
     # and the adapters really differ from each other and from the base model
-    a1, base, a2 = (engine.run_batch([Row([1, 5, 9, 12, 7], name, layers)])[0] for name in ("a1", None, "a2"))
+    a1, base, a2 = (engine.run_batch([_row(engine, [1, 5, 9, 12, 7], name, layers)])[0] for name in ("a1", None, "a2"))
     assert a1.loss != base.loss and a2.loss != base.loss and a1.loss != a2.loss
 
 
 def test_deleted_adapter_row_fails_alone(engine, settings):
     _load(engine, "a1", settings)
-    rows = [Row([1, 5, 9], "a1", (1,)), Row([1, 5, 9], "gone", (1,))]
+    rows = [_row(engine, [1, 5, 9], "a1", (1,)), Row([1, 5, 9], "gone", (1,))]
     ok, err = engine.run_batch(rows)
     assert ok.ids == [1, 5, 9] and isinstance(err, ServiceError) and err.status == 404
     engine.remove_adapter("a1")
     assert engine.peft is None  # the last adapter gone: the plain model again
 
 
+def test_row_queued_before_delete_and_reregister_is_refused(engine, settings):
+    """A row accepted for adapter 'a1' must not run on a different adapter registered under the
+    same name while it waited in the queue (the generation id tells them apart)."""
+    _load(engine, "a1", settings)
+    queued = _row(engine, [1, 5, 9], "a1", (1,))
+    engine.remove_adapter("a1")
+    _load(engine, "a1", settings, source="a2")
+    stale, fresh = engine.run_batch([queued, _row(engine, [1, 5, 9], "a1", (1,))])
+    assert isinstance(stale, ServiceError) and stale.status == 404 and "replaced" in stale.message
+    assert fresh.ids == [1, 5, 9]
+    assert engine.adapters["a1"].generation != queued.generation
+
+
+def _row(engine, ids: list[int], adapter: str | None, layers: tuple[int, ...]) -> Row:
+    """A row as the features route builds it: the adapter's generation captured at acceptance."""
+    generation = engine.adapters[adapter].generation if adapter is not None else 0
+    return Row(ids, adapter, layers, generation=generation)
+
+
 def _concurrent(app, bodies):
     async def main():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 responses = await asyncio.gather(*(c.post("/v1/features", json=b) for b in bodies))
                 metrics = (await c.get("/metrics")).text
         return responses, metrics

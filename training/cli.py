@@ -173,18 +173,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from lorasae.service.app import create_app
     from lorasae.service.engine import Engine
+    from lorasae.service.limits import uvicorn_options
     from lorasae.service.settings import Settings
 
     settings = Settings.load(
         config=args.config, model=args.model, saes=args.sae, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, adapter_root=args.adapter_root, db_path=args.db,
-        api_key_env=args.api_key_env, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    settings.resolved_api_key()  # fail now, not at the first request, if the key variable is unset
+        api_key_env=args.api_key_env, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        insecure_no_auth=args.insecure_no_auth or None, allowed_hosts=args.allowed_host)
+    settings.check_safe()  # fail now, not after loading the model: unset key variable, open bind
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"loading {settings.model} ...", file=sys.stderr, flush=True)
     engine = Engine.from_settings(settings)  # load errors end here as `error: ...`, before serving
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port,
-                log_level="info")
+    uvicorn.run(create_app(settings, engine), **uvicorn_options(settings))
 
 
 def _add_loop_args(p: argparse.ArgumentParser, d) -> None:
@@ -358,7 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapters register from inside this folder (default: $LORASAE_HOME/adapters)")
     p.add_argument("--db", default=None, help="SQLite registry (default: <adapter root>/registry.sqlite3)")
     p.add_argument("--api-key-env", default=None,
-                   help="env var holding the bearer key that register/delete need")
+                   help="env var holding the bearer key that register/delete need (required to "
+                        "bind a non-loopback address)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="bind a non-loopback address without an API key (anyone reaching the "
+                        "port can register and delete adapters)")
+    p.add_argument("--allowed-host", action="append", default=None,
+                   help="Host header to answer (repeat; '*.example.org', '*'); default: loopback "
+                        "names when bound to loopback, else any")
     p.add_argument("--max-batch", type=int, default=None, help="sequences per forward (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=None, help="batching wait (default 5)")
     p.add_argument("--config", default=None, help="TOML/JSON settings file (also $LORASAE_CONFIG); "

@@ -4,22 +4,27 @@
     with LoraSaeClient("http://127.0.0.1:8000") as client:
         df = client.features("The cat sat on the mat", adapter="a1", top_k=8).to_pandas()
 
-429 and 503 answers (and connection failures) are retried with exponential backoff, honouring the
-server's Retry-After; other errors raise the typed exceptions of ``lorasae_client.errors`` with the
-server's message.
+429 and 503 answers and transport failures are retried with exponential backoff, honouring the
+server's Retry-After (clamped to ``max_backoff``); see ``_Core._should_retry`` for which requests may be
+resent after which failure. Other errors raise the typed exceptions of ``lorasae_client.errors`` with
+the server's message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import io
+import math
 import os
 import random
 import tarfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -28,8 +33,19 @@ from .errors import APIConnectionError, APITimeoutError, error_for_status
 from .schemas import AdapterInfo, AdapterList, FeaturesResponse, HealthResponse
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-RETRY_STATUSES = (429, 503)
+RETRY_STATUSES = (429, 503)  # the server refused without acting: safe to resend any request
+# transport failures raised before the request reached the server: safe to resend any request
+NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 M = TypeVar("M", bound=BaseModel)
+
+
+def _adapter_path(name: str) -> str:
+    """``/v1/adapters/{name}`` with ``name`` quoted as one path segment (no '/', '#', '?' or '..'
+    can leave it); "." and ".." are percent-encoded too, as URL normalisation would drop them."""
+    segment = quote(name, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return f"/v1/adapters/{segment}"
 
 
 @dataclass
@@ -39,8 +55,9 @@ class _Request:
     json: Any = None
     files: dict | None = None
     data: dict | None = None
-    idempotent: bool = True  # safe to resend after a timeout (connect failures are always retried)
+    idempotent: bool = True  # safe to resend after the server may have received it (see _should_retry)
     expect: tuple[int, ...] = field(default=(200,))
+    check: str = ""  # for a non-idempotent request: how to find out whether it was carried out
 
 
 class _Core:
@@ -79,25 +96,66 @@ class _Core:
                              "or upload= (a local adapter folder or archive)")
         if path is not None:
             return _Request("POST", "/v1/adapters", json={"name": name, "path": str(path)},
-                            idempotent=False, expect=(201,))
+                            idempotent=False, expect=(201,), check=f"GET {_adapter_path(name)}")
         filename, content = _archive(upload)
         return _Request("POST", "/v1/adapters", files={"file": (filename, content, "application/octet-stream")},
-                        data={"name": name}, idempotent=False, expect=(201,))
+                        data={"name": name}, idempotent=False, expect=(201,),
+                        check=f"GET {_adapter_path(name)}")
+
+    # ------------------------------------------------------------ retries
+
+    def _should_retry(self, req: _Request, attempt: int,
+                      outcome: httpx.Response | httpx.TransportError) -> bool:
+        """Whether to resend ``req`` after ``attempt`` (0 = the first try) ended in ``outcome``.
+
+        A 429/503 answer is retried for every request (the server refused without acting). A
+        transport failure is retried for an idempotent request; a non-idempotent one (a registration)
+        only when it provably never reached the server (``NOT_SENT_ERRORS``): after a read timeout or
+        a dropped connection the server may already have carried it out. At most ``max_retries``
+        resends, so ``max_retries=0`` is exactly one attempt."""
+        if attempt >= self.max_retries:
+            return False
+        # test for the error, not for httpx.Response: an ``http_client`` may be httpx-compatible only
+        # (Starlette's TestClient answers with httpx2 responses)
+        if isinstance(outcome, httpx.TransportError):
+            return req.idempotent or isinstance(outcome, NOT_SENT_ERRORS)
+        return outcome.status_code in RETRY_STATUSES
+
+    def _retry_delay(self, attempt: int, outcome: httpx.Response | httpx.TransportError) -> float:
+        """Seconds to wait before resend number ``attempt + 1``: the answer's Retry-After if it has a
+        usable one, else jittered exponential backoff; always within [0, max_backoff]."""
+        if not isinstance(outcome, httpx.TransportError):
+            retry_after = _retry_after_seconds(outcome.headers.get("retry-after"))
+            if retry_after is not None:
+                return self._clamp(retry_after)
+        delay = self.backoff * 2.0 ** min(attempt, 60)
+        return self._clamp(delay * (0.5 + random.random()))
+
+    def _clamp(self, seconds: float) -> float:
+        return max(0.0, min(seconds, self.max_backoff))
+
+    def _result(self, req: _Request, outcome: httpx.Response | httpx.TransportError) -> httpx.Response:
+        """The final outcome of ``req`` (no retry left): the response, or the typed error raised."""
+        if isinstance(outcome, httpx.TransportError):
+            raise self._transport_error(req, outcome) from outcome
+        self._raise_for(outcome, req.expect)
+        return outcome
+
+    def _transport_error(self, req: _Request, exc: httpx.TransportError) -> APIConnectionError:
+        """APITimeoutError / APIConnectionError for ``exc``; for a non-idempotent request that may
+        have reached the server, the message says so and how to check."""
+        if isinstance(exc, httpx.TimeoutException):
+            cls, message = APITimeoutError, f"{req.method} {req.path} timed out: {exc}"
+        elif isinstance(exc, NOT_SENT_ERRORS):
+            cls, message = APIConnectionError, f"cannot reach {self.base_url}: {exc}"
+        else:
+            cls, message = APIConnectionError, f"{req.method} {req.path} to {self.base_url} failed: {exc}"
+        if not req.idempotent and not isinstance(exc, NOT_SENT_ERRORS):
+            message += ("; the request may have been carried out by the server and was not resent"
+                        f" - check with {req.check or 'the server'} before retrying")
+        return cls(message)
 
     # ------------------------------------------------------------ responses
-
-    def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
-        if response is not None:
-            retry_after = response.headers.get("retry-after", "")
-            try:
-                return min(float(retry_after), self.max_backoff)
-            except ValueError:
-                pass
-        delay = self.backoff * (2 ** attempt)
-        return min(delay * (0.5 + random.random()), self.max_backoff)
-
-    def _should_retry(self, attempt: int, response: httpx.Response) -> bool:
-        return response.status_code in RETRY_STATUSES and attempt < self.max_retries
 
     @staticmethod
     def _raise_for(response: httpx.Response, expect: tuple[int, ...]) -> None:
@@ -115,6 +173,24 @@ class _Core:
     @staticmethod
     def _parse(response: httpx.Response, model: type[M]) -> M:
         return model.model_validate_json(response.content)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header as seconds from now: delay-seconds or an HTTP-date (RFC 9110); None
+    when absent, unparsable or not finite."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return seconds if math.isfinite(seconds) else None
 
 
 def _archive(upload: str | os.PathLike | bytes) -> tuple[str, bytes]:
@@ -141,9 +217,9 @@ class LoraSaeClient(_Core):
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
-                 http_client: httpx.Client | None = None,
+                 max_backoff: float = 10.0, http_client: httpx.Client | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, backoff)
+        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_backoff)
         self._http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout,
                                                  transport=transport)
         self._owns_http = http_client is None
@@ -151,27 +227,16 @@ class LoraSaeClient(_Core):
     def _send(self, req: _Request) -> httpx.Response:
         attempt = 0
         while True:
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = self._http.request(req.method, req.path, json=req.json,
-                                              files=req.files, data=req.data, headers=self._headers())
-            except httpx.TimeoutException as exc:
-                if req.idempotent and attempt < self.max_retries:
-                    time.sleep(self._retry_delay(attempt, None))
-                    attempt += 1
-                    continue
-                raise APITimeoutError(f"request to {req.path} timed out: {exc}") from exc
+                outcome = self._http.request(req.method, req.path, json=req.json,
+                                             files=req.files, data=req.data, headers=self._headers())
             except httpx.TransportError as exc:
-                if attempt < self.max_retries:
-                    time.sleep(self._retry_delay(attempt, None))
-                    attempt += 1
-                    continue
-                raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-            if self._should_retry(attempt, response):
-                time.sleep(self._retry_delay(attempt, response))
-                attempt += 1
-                continue
-            self._raise_for(response, req.expect)
-            return response
+                outcome = exc
+            if not self._should_retry(req, attempt, outcome):
+                return self._result(req, outcome)
+            time.sleep(self._retry_delay(attempt, outcome))
+            attempt += 1
 
     def features(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], *,
                  adapter: str | None = None, saes: Sequence[str] | None = None, top_k: int = 8,
@@ -190,10 +255,10 @@ class LoraSaeClient(_Core):
         return self._parse(self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters
 
     def get_adapter(self, name: str) -> AdapterInfo:
-        return self._parse(self._send(_Request("GET", f"/v1/adapters/{name}")), AdapterInfo)
+        return self._parse(self._send(_Request("GET", _adapter_path(name))), AdapterInfo)
 
     def delete_adapter(self, name: str) -> None:
-        self._send(_Request("DELETE", f"/v1/adapters/{name}", expect=(204,)))
+        self._send(_Request("DELETE", _adapter_path(name), expect=(204,)))
 
     def health(self) -> HealthResponse:
         """``/readyz``: raises ServiceUnavailableError while the server loads (after retries)."""
@@ -228,9 +293,9 @@ class AsyncLoraSaeClient(_Core):
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
-                 http_client: httpx.AsyncClient | None = None,
+                 max_backoff: float = 10.0, http_client: httpx.AsyncClient | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, backoff)
+        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_backoff)
         self._http = http_client or httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
                                                       transport=transport)
         self._owns_http = http_client is None
@@ -238,28 +303,16 @@ class AsyncLoraSaeClient(_Core):
     async def _send(self, req: _Request) -> httpx.Response:
         attempt = 0
         while True:
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = await self._http.request(req.method, req.path,
-                                                    json=req.json, files=req.files, data=req.data,
-                                                    headers=self._headers())
-            except httpx.TimeoutException as exc:
-                if req.idempotent and attempt < self.max_retries:
-                    await asyncio.sleep(self._retry_delay(attempt, None))
-                    attempt += 1
-                    continue
-                raise APITimeoutError(f"request to {req.path} timed out: {exc}") from exc
+                outcome = await self._http.request(req.method, req.path, json=req.json,
+                                                   files=req.files, data=req.data, headers=self._headers())
             except httpx.TransportError as exc:
-                if attempt < self.max_retries:
-                    await asyncio.sleep(self._retry_delay(attempt, None))
-                    attempt += 1
-                    continue
-                raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-            if self._should_retry(attempt, response):
-                await asyncio.sleep(self._retry_delay(attempt, response))
-                attempt += 1
-                continue
-            self._raise_for(response, req.expect)
-            return response
+                outcome = exc
+            if not self._should_retry(req, attempt, outcome):
+                return self._result(req, outcome)
+            await asyncio.sleep(self._retry_delay(attempt, outcome))
+            attempt += 1
 
     async def features(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], *,
                        adapter: str | None = None, saes: Sequence[str] | None = None,
@@ -275,10 +328,10 @@ class AsyncLoraSaeClient(_Core):
         return self._parse(await self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters
 
     async def get_adapter(self, name: str) -> AdapterInfo:
-        return self._parse(await self._send(_Request("GET", f"/v1/adapters/{name}")), AdapterInfo)
+        return self._parse(await self._send(_Request("GET", _adapter_path(name))), AdapterInfo)
 
     async def delete_adapter(self, name: str) -> None:
-        await self._send(_Request("DELETE", f"/v1/adapters/{name}", expect=(204,)))
+        await self._send(_Request("DELETE", _adapter_path(name), expect=(204,)))
 
     async def health(self) -> HealthResponse:
         return self._parse(await self._send(_Request("GET", "/readyz")), HealthResponse)

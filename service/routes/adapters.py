@@ -14,7 +14,7 @@ from ..errors import ServiceError
 
 router = APIRouter(tags=["adapters"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
 _REGISTER_BODY = {
     "requestBody": {
         "required": True,
@@ -46,10 +46,7 @@ async def register_adapter(request: Request, svc: Service = Depends(ready_servic
 
 
 async def _register_upload(request: Request, svc: Service) -> dict:
-    limit = int(svc.settings.max_upload_mb * 2**20)
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + (1 << 20):
-        raise ServiceError(413, "upload_too_large", f"upload of {length} bytes; the limit is {limit}")
+    # the body's size and pace are bounded before this (limits.EdgeMiddleware)
     async with request.form(max_files=1, max_fields=4) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

@@ -13,6 +13,7 @@ from lorasae_client.schemas import ErrorResponse, FeaturesRequest, FeaturesRespo
 from ..deps import Service, ready_service
 from ..engine import Engine, Row, RowOutput
 from ..errors import ServiceError
+from ..settings import Settings
 
 router = APIRouter(tags=["features"])
 
@@ -23,10 +24,11 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 
              summary="Per-token SAE features, losses and logits")
 async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) -> Response:
     engine, settings = svc.engine, svc.settings
-    default_layers = None
+    default_layers, generation = None, 0
     if req.adapter is not None:
         svc.registry.require_ready(req.adapter)
-        default_layers = engine.adapters[req.adapter].layers
+        slot = engine.adapters[req.adapter]
+        default_layers, generation = slot.layers, slot.generation
     layers = engine.select_layers(req.saes, default_layers)
     inputs = req.input_list()
     if len(inputs) > settings.max_inputs:
@@ -56,12 +58,10 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
             raise ServiceError(422, "invalid_token_id",
                                f"input {i}: token id {bad} is outside the vocabulary [0, {engine.vocab_size})")
         total += len(ids)
-    if req.logits == "full" and total * engine.vocab_size > settings.max_full_logits:
-        raise ServiceError(413, "too_many_logits",
-                           f"logits='full' for {total} tokens x {engine.vocab_size} vocabulary entries "
-                           f"exceeds the limit of {settings.max_full_logits} values; use 'top_k'")
+    check_response_size(req, total, len(layers), engine.vocab_size, settings)
     rows = [Row(ids=list(ids), adapter=req.adapter, layers=layers, top_k=req.top_k,
-                logits=req.logits, logits_top_k=req.logits_top_k) for ids in sequences]
+                logits=req.logits, logits_top_k=req.logits_top_k, generation=generation)
+            for ids in sequences]
     outputs = await svc.batcher.submit(rows)
 
     def render() -> str:
@@ -69,9 +69,25 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
                 "results": [{"tokens": render_tokens(engine, out)} for out in outputs]}
         return json.dumps(body, separators=(",", ":"))
 
-    # large answers are built off the event loop, so other requests keep being queued meanwhile
-    text = await run_in_threadpool(render) if total > 2048 or req.logits == "full" else render()
-    return Response(text, media_type="application/json")
+    # built off the event loop, so /healthz and other requests keep being answered meanwhile
+    return Response(await run_in_threadpool(render), media_type="application/json")
+
+
+def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int,
+                        settings: Settings) -> None:
+    """Refuse (413) a request whose answer would exceed the documented bounds: per token
+    ``top_k`` latents for each SAE plus ``logits_top_k`` logits (``max_response_entries`` in all),
+    and with ``logits="full"`` a whole vocabulary row (``max_full_logits`` in all)."""
+    if req.logits == "full" and tokens * vocab > settings.max_full_logits:
+        raise ServiceError(413, "too_many_logits",
+                           f"logits='full' for {tokens} tokens x {vocab} vocabulary entries "
+                           f"exceeds the limit of {settings.max_full_logits} values; use 'top_k'")
+    per_token = req.top_k * saes + (req.logits_top_k if req.logits == "top_k" else 0)
+    if tokens * per_token > settings.max_response_entries:
+        raise ServiceError(413, "response_too_large",
+                           f"{tokens} tokens x {per_token} entries (top_k x {saes} SAEs + logits) is "
+                           f"over the limit of {settings.max_response_entries} entries per request; "
+                           "send fewer tokens or a smaller top_k / logits_top_k")
 
 
 def render_tokens(engine: Engine, out: RowOutput) -> list[dict]:
