@@ -81,13 +81,13 @@ class AdapterManifest:
         """
         problems = []
         if self.base_model_fingerprint != model_fingerprint:
-            problems.append(f"trained on base model {self.base_model!r} "
+            problems.append(f"trained on base model {_short(self.base_model)} "
                             f"(fingerprint {self.base_model_fingerprint}), loaded model has "
                             f"fingerprint {model_fingerprint}")
         loaded = {(s.layer, sae_fingerprint(s.sae)) for s in saes}
         for entry in self.saes:
             if (entry.layer, entry.fingerprint) not in loaded:
-                problems.append(f"trained with SAE {entry.id!r} at layer {entry.layer} "
+                problems.append(f"trained with SAE {_short(entry.id)} at layer {entry.layer} "
                                 f"(fingerprint {entry.fingerprint}), which is not loaded")
         return problems
 
@@ -98,6 +98,12 @@ class AdapterManifest:
 
 
 _MANIFEST = TypeAdapter(AdapterManifest)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut: ids from a manifest may be long (and come from anywhere)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit] + "...'"
 
 
 def validation_summary(exc: ValidationError, limit: int = 3) -> str:

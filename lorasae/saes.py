@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from lorasae.errors import LorasaeError
-from lorasae.models import decoder_layers, hidden_size
+from lorasae.models import DEFAULT_MODEL, DEFAULT_MODEL_SLUG, LoadedModel, decoder_layers, hidden_size
+from lorasae.paths import data_dir
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
@@ -124,3 +126,40 @@ def sae_fingerprint(sae: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ the default SAE
+
+# The embedded default model has no published SAE, so lorasae trains its own (`lorasae train-sae`:
+# TopK, k latents, expansion x d_model, at the middle layer unless given) and caches it here.
+DEFAULT_SAE_K = 32
+DEFAULT_SAE_EXPANSION = 8
+SAE_CONFIG_FILE = "cfg.json"  # sae-lens writes it last: its presence marks a finished SAE
+
+# Makes the default SAE when it is not cached yet (training it); core only locates it. The
+# composition root (`lorasae.cli`) passes the training package's trainer in.
+DefaultSaeMaker = Callable[[LoadedModel], Path]
+
+
+def default_sae_dir(layer: int | None = None, k: int = DEFAULT_SAE_K,
+                    expansion: int = DEFAULT_SAE_EXPANSION) -> Path:
+    """The cache folder of the default model's SAE with this recipe (``layer`` None: the middle)."""
+    where = "mid" if layer is None else f"L{layer}"
+    return data_dir() / "saes" / f"{DEFAULT_MODEL_SLUG}-{where}-topk{k}-x{expansion}"
+
+
+def resolve_saes(lm: LoadedModel, specs: list[str], model_spec: str | None,
+                 make_default: DefaultSaeMaker | None = None) -> list[LoadedSAE]:
+    """Load the SAEs named by ``specs``; with none given, the default SAE of the default model
+    (made by ``make_default`` when it is not cached yet, else an error saying how to make it)."""
+    if not specs:
+        if model_spec not in (None, DEFAULT_MODEL):
+            raise LorasaeError("--sae is required with a non-default --model")
+        folder = default_sae_dir()
+        if not (folder / SAE_CONFIG_FILE).exists():
+            if make_default is None:
+                raise LorasaeError("the default SAE is not trained yet: run `lorasae train-sae` "
+                                   "(about 10 minutes on a CPU) or pass --sae")
+            folder = make_default(lm)
+        specs = [str(folder)]
+    return [load_sae(spec, device=lm.device, model=lm.model) for spec in specs]

@@ -201,7 +201,7 @@ class Engine:
         for sel in selectors:
             if sel not in lookup:
                 known = ", ".join(self.names[s.layer] for s in self.saes)
-                raise ServiceError(404, "unknown_sae", f"no SAE {sel!r} is loaded (loaded: {known})")
+                raise ServiceError(404, "unknown_sae", f"no SAE {shown(sel)} is loaded (loaded: {known})")
             layers.add(lookup[sel])
         return tuple(sorted(layers))
 

@@ -17,7 +17,7 @@ class ServiceError(Exception):
 
 
 def not_found(what: str, name: str) -> ServiceError:
-    return ServiceError(404, f"unknown_{what}", f"no {what} named {name!r}")
+    return ServiceError(404, f"unknown_{what}", f"no {what} named {shown(name)}")
 
 
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None):

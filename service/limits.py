@@ -19,6 +19,8 @@ from .errors import json_error
 from .settings import Settings
 
 UPLOAD_OVERHEAD = 1 << 20  # multipart framing and the name field around the archive
+MAX_TARGET_BYTES = 8 * 1024  # path + query
+MAX_HEADER_BYTES = 64 * 1024  # as h11_max_incomplete_event_size below
 UPLOAD_ROUTE = "/v1/adapters"  # POST multipart: an archive; POST JSON: a path
 # POST routes whose body is JSON: any other content type is refused (415), so that a web page
 # cannot post to them cross-site as a "simple request" (text/plain, form encodings)
@@ -72,6 +74,13 @@ class EdgeMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        target = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        if target > MAX_TARGET_BYTES:  # h11 bounds incomplete requests only; a whole one can be big
+            return await json_error(414, "uri_too_long", f"request target over {MAX_TARGET_BYTES} "
+                                    "bytes")(scope, receive, send)
+        if sum(len(k) + len(v) for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
+            return await json_error(431, "headers_too_large", f"request headers over "
+                                    f"{MAX_HEADER_BYTES} bytes")(scope, receive, send)
         if not host_allowed(_header(scope, b"host"), self.hosts):
             return await json_error(400, "invalid_host", "this server does not answer for that Host "
                                     "header (settings: allowed_hosts)")(scope, receive, send)
@@ -187,5 +196,5 @@ def uvicorn_options(settings: Settings) -> dict:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` that bound connections and time."""
     return {"host": settings.host, "port": settings.port, "http": guarded_h11(settings.header_timeout_s),
             "limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_s,
-            "h11_max_incomplete_event_size": 64 * 1024, "backlog": 512, "server_header": False,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "backlog": 512, "server_header": False,
             "log_level": "info"}

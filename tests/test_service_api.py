@@ -324,3 +324,18 @@ def test_serve_cli_errors_are_one_line(world, capsys, monkeypatch):
     assert "error: --api-key-env UNSET_LORASAE_TEST_KEY" in capsys.readouterr().err
     assert main(["serve", "--model", str(world.model / "missing"), "--sae", str(world.saes[1])]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_edge_bounds_request_target_headers_host_and_media_type(client):
+    """The edge middleware's refusals, each with its JSON error (uvicorn only bounds requests that
+    are still incomplete; a whole one can arrive in one read)."""
+    _error(client.get("/v1/adapters/" + "n" * 9000), 414, "uri_too_long")
+    assert client.get("/v1/adapters/" + "n" * 8000).status_code == 404
+    many = {f"x-h{i}": "v" * 1000 for i in range(70)}
+    _error(client.get("/healthz", headers=many), 431, "headers_too_large")
+    _error(client.get("/healthz", headers={"host": "evil.example"}), 400, "invalid_host")
+    assert client.get("/healthz", headers={"host": "127.0.0.1:9"}).status_code == 200
+    _error(client.post("/v1/features", content=b'{"inputs": "a"}',
+                             headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+    assert client.post("/v1/features", content=b'{"inputs": "a"}',
+                       headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
