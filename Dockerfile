@@ -9,6 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 COPY constraints.txt pyproject.toml README.md ./
 COPY lorasae ./lorasae
+COPY cli ./cli
 COPY training ./training
 COPY service ./service
 COPY clients ./clients

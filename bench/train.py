@@ -39,19 +39,16 @@ def run(args) -> dict:
     import torch.nn.functional as F
 
     from lorasae.models import decoder_layers, load_model
-    from lorasae.saes import load_sae
+    from lorasae.saes import resolve_saes
     from lorasae.training.train_lora import LoraTrainConfig, kl_loss, lora_layers, wrap_with_lora
+    from lorasae.training.train_sae import ensure_default_sae
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = args.sae
-    if not specs:
-        from lorasae.training.demo import default_sae_path
-
-        specs = [default_sae_path()]
     print(f"loading {args.model or 'the embedded default model'} ...", file=sys.stderr)
     lm = load_model(args.model, args.device, "float32")  # training weights are fp32, as in the loop
-    saes = [load_sae(spec, device=lm.device, model=lm.model) for spec in specs]
+    saes = resolve_saes(lm, args.sae or [], args.model, ensure_default_sae)
+    specs = [s.sae_id for s in saes]
     cfg = LoraTrainConfig(saes=specs, **({"rank": args.rank} if args.rank else {}))
     model = wrap_with_lora(lm.model, cfg, saes)
     model.train()

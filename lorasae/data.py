@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorasae.errors import LorasaeError
+from lorasae.files import write_atomic
 from lorasae.paths import data_dir
 
 DEFAULT_CORPUS = "default"
@@ -151,10 +152,7 @@ def token_stream(tokenizer, split: str, max_tokens: int | None = None,
         raise LorasaeError(f"corpus {corpus or DEFAULT_CORPUS!r} has no text in its {split} split")
     stream = torch.cat(pieces)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(stream, tmp)
-        tmp.replace(cache)
+        write_atomic(cache, lambda tmp: torch.save(stream, tmp))
     return stream if max_tokens is None else stream[:max_tokens]
 
 

@@ -7,7 +7,6 @@ around one SAE is meaningless around another).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from lorasae.errors import LorasaeError
+from lorasae.files import write_json_atomic
 from lorasae.saes import LoadedSAE, sae_fingerprint
 
 MANIFEST_FILE = "lorasae.json"
@@ -50,11 +50,7 @@ class AdapterManifest:
     version: int = MANIFEST_VERSION
 
     def save(self, directory: Path) -> Path:
-        path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return write_json_atomic(Path(directory) / MANIFEST_FILE, asdict(self))
 
     @classmethod
     def load(cls, directory: Path | str, where: str | None = None) -> AdapterManifest:

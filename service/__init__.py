@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+if __name__ != "lorasae.service":  # e.g. `import service` from the repo root: a second copy of the code
+    raise ImportError(f"import lorasae.service, not {__name__}: the service/ folder is installed as "
+                      "lorasae.service (pip install -e .)")
+
 
 def __getattr__(name: str):
     # Lazy: `import lorasae.service` stays cheap; the app pulls in torch and the core.

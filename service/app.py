@@ -8,39 +8,23 @@ engine. Every error is ``{"error": {"code", "message"}}`` with its status; bad i
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lorasae_client
-from lorasae.errors import LorasaeError
 
 from .deps import Service
 from .engine import Engine
-from .errors import ServiceError, json_error
+from .errors import install_handlers
 from .limits import EdgeMiddleware
 from .routes import adapters, features, health, viewer
 from .settings import Settings
 
-log = logging.getLogger("lorasae.service")
 # metric labels: anything else collapses into "other" (a client must not create series at will)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        # pydantic reports every branch of a union; the first is enough to act on
-        where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-")))
-        parts.append(f"{where or 'body'}: {err.get('msg')}")
-    seen = list(dict.fromkeys(parts))
-    return "; ".join(seen[:5])
 
 
 class _MetricsMiddleware:
@@ -73,6 +57,7 @@ class _MetricsMiddleware:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app: routes, static files, edge limits, metrics and error handlers around one ``Service``."""
     settings = settings or Settings()
     service = Service(settings, engine)
 
@@ -104,31 +89,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(EdgeMiddleware, settings=settings)  # inner: sees only allowed hosts
     app.add_middleware(_MetricsMiddleware, service=service)  # outer: counts refusals too
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError):
-        return json_error(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(LorasaeError)
-    async def _lorasae_error(_request: Request, exc: LorasaeError):
-        return json_error(400, "bad_request", str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError):
-        return json_error(422, "validation_error", _validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
-            # FastAPI's body parsing failed beyond a JSON syntax error (bytes that are not UTF-8,
-            # nesting too deep): malformed JSON all the same, answered like any other (422)
-            return json_error(422, "validation_error",
-                                  f"body: not valid JSON ({type(exc.__cause__).__name__})")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return json_error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
-        log.exception("unexpected error")
-        return json_error(500, "internal_error", f"{type(exc).__name__} (see the server log)")
-
+    install_handlers(app)
     return app

@@ -29,12 +29,13 @@ import torch
 
 from lorasae.errors import LorasaeError
 from lorasae.models import LoadedModel, load_model, model_fingerprint, unwrap
-from lorasae.saes import LoadedSAE, check_distinct_layers, sae_fingerprint
+from lorasae.saes import DefaultSaeMaker, LoadedSAE, check_distinct_layers, resolve_saes, sae_fingerprint
 from lorasae.splice import Splice
 from lorasae_client.schemas import BASE_ADAPTER
 
 from .adapter_config import read_lora_config
 from .errors import ServiceError, shown
+from .settings import Settings
 
 log = logging.getLogger("lorasae.service")
 
@@ -123,14 +124,12 @@ class Engine:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_settings(cls, settings) -> Engine:
-        """Load the model and SAEs named by the settings (default: embedded SmolLM2 + default SAE)."""
-        from lorasae.training.eval import resolve_saes
-
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+    def from_settings(cls, settings: Settings, make_default_sae: DefaultSaeMaker | None = None) -> Engine:
+        """Load the model and SAEs named by the settings (no SAE given: the embedded model's default
+        SAE, made by ``make_default_sae`` when it is not cached yet). Leaves torch's thread count
+        alone: whoever runs the server applies ``settings.torch_threads``."""
         lm = load_model(settings.model, settings.device, settings.dtype)
-        saes = resolve_saes(lm, list(settings.saes), settings.model)
+        saes = resolve_saes(lm, list(settings.saes), settings.model, make_default_sae)
         return cls(lm, saes, keep_first=settings.keep_first)
 
     @property
@@ -227,14 +226,26 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, rows: list[Row]) -> list[RowOutput]:
+        ids, lens = self._pad(rows)
+        host, full = self._forward_gather(rows, ids, lens)
+        return _to_rows(rows, lens, host, full)
+
+    def _pad(self, rows: list[Row]) -> tuple[torch.Tensor, list[int]]:
+        """The rows' ids right-padded into one ``[B, T]`` batch on the device, and each row's length."""
         lens = [len(r.ids) for r in rows]
-        width = max(lens)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        ids = torch.full((len(rows), max(lens)), self.pad, dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, :lens[b]] = torch.tensor(row.ids, dtype=torch.long)
-        ids = ids.to(self.device)
+        return ids.to(self.device), lens
+
+    def _forward_gather(self, rows: list[Row], ids: torch.Tensor, lens: list[int]
+                        ) -> tuple[dict[str, list], dict[int, list[list[float]]]]:
+        """The spliced forward, and on the device only what the rows asked for (losses, top-k
+        latents and reconstruction errors of each SAE, top logits), moved to the host as lists
+        keyed ``loss``, ``i<layer>``/``v<layer>``/``e<layer>`` and ``li``/``lv``/``lp``; plus the
+        full logits of the rows that want them, by row index."""
         layers = rows[0].layers
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         model = self.base
         if self.peft is not None:
             model = self.peft
@@ -245,38 +256,20 @@ class Engine:
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)  # [B, T]
         loss = lse[:, :-1] - logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        cpu: dict[str, Any] = {"loss": loss}
+        gathered: dict[str, torch.Tensor] = {"loss": loss}
         for layer in layers:
             record = splice.records[layer]
             k = min(max(r.top_k for r in rows), record.latents.shape[-1])
             values, indices = record.latents.topk(k, dim=-1)
-            cpu[f"v{layer}"], cpu[f"i{layer}"] = values.float(), indices
-            cpu[f"e{layer}"] = record.error_sq().float()
+            gathered[f"v{layer}"], gathered[f"i{layer}"] = values.float(), indices
+            gathered[f"e{layer}"] = record.error_sq().float()
         wants_top = [r.logits_top_k for r in rows if r.logits == "top_k"]
         if wants_top:
             lvalues, lindices = logits.topk(min(max(wants_top), logits.shape[-1]), dim=-1)
-            cpu["lv"], cpu["li"], cpu["lp"] = lvalues, lindices, lvalues - lse[..., None]
-        cpu = {name: t.cpu() for name, t in cpu.items()}  # the only device -> host copies
+            gathered["lv"], gathered["li"], gathered["lp"] = lvalues, lindices, lvalues - lse[..., None]
+        host = {name: t.cpu() for name, t in gathered.items()}  # the only device -> host copies
         full = {b: logits[b, :lens[b]].cpu().tolist() for b, r in enumerate(rows) if r.logits == "full"}
-
-        lists = {name: t.tolist() for name, t in cpu.items()}
-        results = []
-        for b, row in enumerate(rows):
-            n = lens[b]
-            features = {}
-            for layer in layers:
-                k = row.top_k
-                features[layer] = ([x[:k] for x in lists[f"i{layer}"][b][:n]],
-                                   [x[:k] for x in lists[f"v{layer}"][b][:n]])
-            top = None
-            if row.logits == "top_k":
-                k = row.logits_top_k
-                top = tuple([x[:k] for x in lists[key][b][:n]] for key in ("li", "lv", "lp"))
-            results.append(RowOutput(
-                ids=row.ids, loss=lists["loss"][b][:n - 1], features=features,
-                recon_error={layer: lists[f"e{layer}"][b][:n] for layer in layers},
-                top_logits=top, full_logits=full.get(b)))
-        return results
+        return {name: t.tolist() for name, t in host.items()}, full
 
     # ------------------------------------------------------------ adapters (engine thread)
 
@@ -371,16 +364,20 @@ class Engine:
                                f"{len(unfilled)} modules not targeted {unfilled[:3]}")
 
     def add_adapter(self, name: str, adapter: ValidatedAdapter) -> None:
-        """Load a validated adapter into the one peft model under ``name`` (engine thread)."""
+        """Load a validated adapter into the one peft model under ``name`` (engine thread).
+
+        Raises ServiceError 409 when peft finds that it does not fit the model. Any other failure
+        (out of memory, a bug) propagates as it is, for a logged 500; either way the adapter is
+        taken out again first, so the model is as it was before the call.
+        """
         from peft import PeftModel, set_peft_model_state_dict
 
         if name in self.adapters:
             raise ServiceError(409, "duplicate_adapter", f"adapter {name!r} is already loaded")
         config = adapter.config
         config.inference_mode = True
-        created = self.peft is None
         try:
-            if created:
+            if self.peft is None:
                 self.peft = PeftModel(self.base, config, adapter_name=name)
             else:
                 self.peft.add_adapter(name, config)
@@ -391,11 +388,10 @@ class Engine:
                 raise ServiceError(409, "adapter_mismatch", "adapter weights do not fit the model: "
                                    f"unexpected {bad[:3]}, missing {missing[:3]}")
             self.peft.eval()
-        except ServiceError:
+        except BaseException as exc:
             self._drop(name)
-            raise
-        except Exception as exc:  # peft refused it (e.g. LoRA rank != the weights' rank): it does not fit
-            self._drop(name)
+            if isinstance(exc, ServiceError) or not is_mismatch(exc):
+                raise
             raise ServiceError(409, "adapter_mismatch",
                                f"adapter does not load into the model: {type(exc).__name__}: {exc}") from exc
         self.adapters[name] = _Slot(layers=adapter.layers, generation=next(self._generations))
@@ -405,15 +401,65 @@ class Engine:
         self._drop(name)
 
     def _drop(self, name: str) -> None:
-        if self.peft is None:
+        """Take adapter ``name`` out of the model, including whatever a failed ``add_adapter`` left
+        half-made (peft wraps modules one by one and keeps those it wrapped before failing)."""
+        from peft.tuners.tuners_utils import delete_adapter
+
+        if self.peft is None:  # no adapter loaded, or building the first one's PeftModel failed
+            _strip_peft_layers(self.base)
             return
-        if name in self.peft.peft_config:
-            with warnings.catch_warnings():  # "adapter X was active, now deleted": expected here
-                warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # "adapter X was active, now deleted": expected here
+            warnings.simplefilter("ignore", UserWarning)
+            if name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
+            else:  # peft.add_adapter failed: it forgot the config but not the layers it made
+                delete_adapter(self.peft.base_model.model, name, self.peft.base_model.prefix)
         if not self.peft.peft_config:  # no adapter left: back to the plain model
             self.base = self.peft.unload()
             self.peft = None
+
+
+def is_mismatch(exc: BaseException) -> bool:
+    """Whether peft refused an adapter because it does not fit the model (409), rather than
+    failing for the server's own reasons (out of memory, a bug: 500). peft checks a config
+    against the model with ValueErrors (targets, layers, ranks); loading weights of the wrong
+    size is torch's ``load_state_dict`` RuntimeError."""
+    if isinstance(exc, ValueError):
+        return True
+    return (isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError)
+            and str(exc).startswith("Error(s) in loading state_dict"))
+
+
+def _strip_peft_layers(model: torch.nn.Module) -> None:
+    """Put the original module back in place of every peft layer found in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+def _to_rows(rows: list[Row], lens: list[int], host: dict[str, list],
+             full: dict[int, list[list[float]]]) -> list[RowOutput]:
+    """Cut the batch's host lists (see ``Engine._forward_gather``) back into one result per row:
+    its own length, its own ``top_k`` and ``logits_top_k``."""
+    layers = rows[0].layers
+    results = []
+    for b, row in enumerate(rows):
+        n = lens[b]
+        features = {layer: ([x[:row.top_k] for x in host[f"i{layer}"][b][:n]],
+                            [x[:row.top_k] for x in host[f"v{layer}"][b][:n]]) for layer in layers}
+        top = None
+        if row.logits == "top_k":
+            k = row.logits_top_k
+            top = ([x[:k] for x in host["li"][b][:n]], [x[:k] for x in host["lv"][b][:n]],
+                   [x[:k] for x in host["lp"][b][:n]])
+        results.append(RowOutput(
+            ids=row.ids, loss=host["loss"][b][:n - 1], features=features,
+            recon_error={layer: host[f"e{layer}"][b][:n] for layer in layers},
+            top_logits=top, full_logits=full.get(b)))
+    return results
 
 
 def public_sae_names(saes: Sequence[LoadedSAE]) -> dict[int, str]:

@@ -26,25 +26,31 @@ _config_file: ContextVar[Path | None] = ContextVar("lorasae_config_file", defaul
 
 
 class Settings(BaseSettings):
-    """Everything the server needs; every field can be set as ``LORASAE_<FIELD>``."""
+    """Everything the server needs; every field can be set as ``LORASAE_<FIELD>`` and as a
+    `lorasae serve` flag (``lorasae.cliargs``: ``json_schema_extra`` names or hides the flag)."""
 
     model_config = SettingsConfigDict(env_prefix="LORASAE_", extra="ignore")
 
     model: str = Field("default", description="hub id, local HF dir or .gguf (default: embedded SmolLM2)")
-    saes: list[str] = Field(default_factory=list,
-                            description="SAE specs; empty = the default SAE of the default model")
-    device: str | None = None
-    dtype: str | None = None
+    saes: list[str] = Field(default_factory=list, json_schema_extra={"flag": "--sae"},
+                            description="SAE to splice: sae-lens folder or release/sae_id (repeat; "
+                                        "default: the default SAE of the default model)")
+    device: str | None = Field(None, description="cuda / cpu (default: cuda if available)")
+    dtype: str | None = Field(None, description="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's); "
                                       "1 avoids oversubscription on a busy CPU")
-    keep_first: bool = Field(True, description="position 0 keeps its clean activation (as in training)")
+    keep_first: bool = Field(True, json_schema_extra={"flag": "--splice-first"},
+                             description="also splice position 0 (BOS); by default it keeps its "
+                                         "clean activation (as in training)")
     adapter_root: Path | None = Field(None, description="adapters are registered from inside this "
                                                         "folder (default: $LORASAE_HOME/adapters)")
-    db_path: Path | None = Field(None, description="SQLite registry (default: <adapter_root>/registry.sqlite3)")
+    db_path: Path | None = Field(None, json_schema_extra={"flag": "--db"},
+                                 description="SQLite registry (default: <adapter_root>/registry.sqlite3)")
     api_key_env: str | None = Field(None, description="env var holding the admin bearer key")
-    api_key: SecretStr | None = Field(None, description="admin bearer key (prefer api_key_env)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, json_schema_extra={"flag": None},  # never on a command line
+                                      description="admin bearer key (prefer api_key_env)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
     max_tokens: int = Field(1024, ge=1, description="tokens per input sequence")
     max_inputs: int = Field(64, ge=1, description="input sequences per request")
     max_batch: int = Field(16, ge=1, description="sequences per forward (micro-batch)")
@@ -61,7 +67,8 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 429/503")
     insecure_no_auth: bool = Field(False, description="allow binding a non-loopback address without "
                                    "an API key (anyone who reaches the port can register adapters)")
-    allowed_hosts: list[str] | None = Field(None, description="Host headers accepted ('*', "
+    allowed_hosts: list[str] | None = Field(None, json_schema_extra={"flag": "--allowed-host"},
+                                            description="Host header accepted (repeat; '*', "
                                             "'*.example.org'); default: loopback names when bound "
                                             "to loopback, else any")
     max_connections: int = Field(256, ge=1, description="open connections + requests in flight; "

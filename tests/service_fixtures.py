@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def _tokenizer(corpus: list[str]):
 
 
 def make_adapter(model_dir: Path, out: Path, sae_dirs: list[Path], *, seed: int, rank: int = 4,
-                 targets=("q_proj", "v_proj"), layers=(2, 3), fingerprint: str | None = None) -> Path:
-    """A peft LoRA adapter with random non-zero B (so it changes the model) + a matching manifest."""
+                 targets=("q_proj", "v_proj"), layers=(2, 3), fingerprint: str | None = None,
+                 fan_in_fan_out: bool = False) -> Path:
+    """A peft LoRA adapter with random non-zero B (so it changes the model) + a matching manifest
+    (``fan_in_fan_out`` for GPT-2-style Conv1D layers, whose weight is ``[in, out]``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +89,8 @@ def make_adapter(model_dir: Path, out: Path, sae_dirs: list[Path], *, seed: int,
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                   target_modules=list(targets),
-                                                  layers_to_transform=list(layers)))
+                                                  layers_to_transform=list(layers),
+                                                  fan_in_fan_out=fan_in_fan_out))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -180,6 +184,16 @@ def register(client, name: str, path: str | None = None, headers: dict | None = 
     return client.post("/v1/adapters", json={"name": name, "path": path or name}, headers=headers)
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` only after a generous ``timeout``
+    (seconds), so a slow, shared machine never fails a test that waits for an event."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout} s for {what}")
+        time.sleep(0.01)
+
+
 # ------------------------------------------------------------------ a real server process
 
 SERVER_KEY_ENV = "LORASAE_TEST_SERVER_KEY"
@@ -209,7 +223,7 @@ class ServerProcess:
         self.db = workdir / "registry.sqlite3"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "lorasae.training.cli", "serve", "--host", "127.0.0.1",
+        self.cmd = [sys.executable, "-m", "lorasae.cli", "serve", "--host", "127.0.0.1",
                     "--port", str(self.port), "--model", str(world.model),
                     *[arg for path in world.saes.values() for arg in ("--sae", str(path))],
                     "--adapter-root", str(self.adapter_root), "--db", str(self.db), "--device", "cpu"]

@@ -14,7 +14,7 @@ from lorasae.data import packed_sequences, token_stream
 from lorasae.metrics import evaluate
 from lorasae.models import DEFAULT_MODEL_NAME, load_model
 from lorasae.saes import load_sae
-from lorasae.training.cli import main
+from lorasae.cli import main
 from lorasae.training.train_sae import ensure_default_sae
 
 pytestmark = pytest.mark.slow

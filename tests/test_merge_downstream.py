@@ -6,14 +6,16 @@ import json
 
 import pytest
 import torch
+from tiny_world import CTX
 
+from lorasae.cli import main
 from lorasae.data import token_stream
 from lorasae.downstream import McItem, continuation_items, jsonl_items, mc_accuracy
+from lorasae.errors import LorasaeError
 from lorasae.models import load_model
-from lorasae.training.cli import main
 from lorasae.training.eval import EvalConfig, load_adapter, run_eval
 from lorasae.training.train_lora import LoraTrainConfig, train_lora
-from tiny_world import CTX
+
 
 @pytest.fixture(scope="module")
 def adapter(tiny_world, tmp_path_factory):
@@ -41,7 +43,7 @@ def test_continuation_items_are_deterministic_and_well_formed(tiny_world):
         assert lm.tokenizer.eos_token_id not in true
         labels.add(item.label)
     assert len(labels) > 1  # the answer is not always in the same slot
-    with pytest.raises(Exception, match="fewer than"):
+    with pytest.raises(LorasaeError, match="fewer than"):
         continuation_items(lm.tokenizer, 10_000, 8, 4, corpus=str(tiny_world.corpus))
 
 
@@ -74,7 +76,7 @@ def test_jsonl_items_and_bad_file(tiny_world, tmp_path):
     assert item.label == 1 and len(item.choices) == 2 and len(item.choices[1]) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "x", "choices": ["a"], "label": 3}) + "\n")
-    with pytest.raises(Exception, match="out of range"):
+    with pytest.raises(LorasaeError, match="out of range"):
         jsonl_items(bad, lm.tokenizer)
 
 
@@ -116,6 +118,34 @@ def test_merge_writes_an_hf_model_equal_to_the_adapter(tiny_world, adapter, tmp_
     # never overwrites
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_merge_dtype_is_honoured(tiny_world, adapter, tmp_path, capsys):
+    """Regression: `--dtype` was accepted and ignored (always fp32). The weights on disk, the
+    saved config and the record follow it; without it the merge stays fp32."""
+    from safetensors.torch import load_file
+
+    merged = {}
+    for dtype in (None, "bfloat16"):
+        out = tmp_path / f"merged-{dtype}"
+        args = ["merge", "--model", str(tiny_world.model), "--adapter", str(adapter), "--out",
+                str(out), "--no-eval"] + (["--dtype", dtype] if dtype else [])
+        assert main(args) == 0
+        printed = json.loads(capsys.readouterr().out)
+        want = dtype or "float32"
+        merged[want] = load_file(str(out / "model.safetensors"))
+        assert {t.dtype for t in merged[want].values()} == {getattr(torch, want)}
+        config = json.loads((out / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == want
+        assert printed["dtype"] == want
+    # the bf16 merge is the fp32 merge to bf16 precision (not, say, the base weights)
+    fp32, bf16 = merged["float32"], merged["bfloat16"]
+    assert fp32.keys() == bf16.keys()
+    for name in fp32:
+        torch.testing.assert_close(bf16[name].float(), fp32[name], rtol=2 ** -7, atol=1e-3)
+    base = load_model(str(tiny_world.model)).model.state_dict()
+    changed = [k for k in fp32 if k in base and (fp32[k] - base[k]).abs().max() > 1e-3]
+    assert changed and all((bf16[k].float() - base[k]).abs().max() > 1e-3 for k in changed)
 
 
 def test_merge_refuses_an_adapter_for_another_model(tiny_world, adapter, tmp_path, capsys):

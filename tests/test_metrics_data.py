@@ -8,9 +8,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    StubTokenizer,
+    build_model,
+    make_identity_sae,
+    make_topk_sae,
+    manual_logits,
+    peft_wrap,
+    sae_fn,
+    sample_sequences,
+    wrap,
+)
 
-from conftest import (StubTokenizer, build_model, make_identity_sae, make_topk_sae, manual_logits,
-                      peft_wrap, sample_sequences, sae_fn, wrap)
 from lorasae import data
 from lorasae.data import Document, packed_sequences, split_of, token_stream
 from lorasae.errors import LorasaeError
@@ -328,3 +337,42 @@ def test_default_corpus_is_tokenised_once_and_cached(monkeypatch):
     assert len(calls) == 1  # served from the cache
     assert torch.equal(first, second)
     assert first.shape == (5, 8) and first[:, 1:].reshape(-1).tolist() == expected[:35]
+
+
+def test_hf_dataset_corpus_is_streamed_by_row(tmp_path, monkeypatch):
+    """``--corpus user/name`` streams a Hugging Face dataset with ``datasets``; a local JSON-lines
+    dataset (``load_dataset("json", ...)``) stands in for the hub here: no network."""
+    import datasets
+
+    rows = [{"text": " ".join(map(str, doc_tokens(i)))} for i in range(120)]
+    rows[3]["text"] = "  "  # blank rows are skipped; ids stay the row index
+    local = tmp_path / "rows.jsonl"
+    datasets.Dataset.from_list(rows).to_json(str(local))
+    real_load_dataset = datasets.load_dataset
+    asked = []
+
+    def from_local_file(dataset_id, split, streaming):
+        asked.append((dataset_id, split, streaming))
+        return real_load_dataset("json", data_files=str(local), split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_local_file)
+    tok = StubTokenizer()
+    dataset_id = "someone/tiny-corpus"
+    for split in ("train", "heldout"):
+        want = []
+        for i, row in enumerate(rows):
+            if row["text"].strip() and split_of(f"{dataset_id}:{i}") == split:
+                want += [int(w) for w in row["text"].split()] + [StubTokenizer.eos_token_id]
+        assert want  # both splits have rows
+        assert token_stream(tok, split, None, corpus=dataset_id).tolist() == want
+    assert asked == [(dataset_id, "train", True)] * 2
+    assert packed_sequences(tok, "train", 40, 8, corpus=dataset_id)[:, 1:].reshape(-1).tolist() == \
+        token_stream(tok, "train", 35, corpus=dataset_id).tolist()
+
+    def missing(dataset_id, split, streaming):
+        return real_load_dataset("json", data_files=str(tmp_path / "missing.jsonl"), split=split,
+                                 streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(LorasaeError, match="cannot stream corpus 'someone/gone'"):
+        token_stream(tok, "train", 10, corpus="someone/gone")

@@ -1389,7 +1389,7 @@ def test_12b_second_server_on_the_same_root(lab, world):
 def test_08a_unsafe_bind(lab, world):
     cls = "8a"
     t = lab.tally(cls)
-    base = [sys.executable, "-m", "lorasae.training.cli", "serve", "--model", str(world.model),
+    base = [sys.executable, "-m", "lorasae.cli", "serve", "--model", str(world.model),
             *[arg for path in world.saes.values() for arg in ("--sae", str(path))], "--device", "cpu",
             "--adapter-root", str(lab.base / "never-root"), "--db", str(lab.base / "never.sqlite3")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORASAE_")}

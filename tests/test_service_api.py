@@ -9,11 +9,12 @@ import tarfile
 import pytest
 from fastapi.testclient import TestClient
 
+from lorasae.errors import LorasaeError
 from lorasae.service.app import create_app
 from lorasae.service.engine import Engine
 from lorasae_client.schemas import AdapterInfo, AdapterList, FeaturesResponse
 
-from service_fixtures import TEXTS, client, engine, register, settings, world  # noqa: F401
+from service_fixtures import TEXTS, client, engine, register, settings, wait_until, world  # noqa: F401
 
 
 def _error(response, status: int, code: str | None = None) -> str:
@@ -49,11 +50,7 @@ def test_not_ready_is_503_with_retry_after(world, tmp_path):
     app = create_app(world.settings(tmp_path, model=str(tmp_path / "no-such-model")))
     with TestClient(app, base_url="http://localhost") as c:
         assert c.get("/healthz").status_code == 200
-        for _ in range(200):  # the background load fails quickly
-            if app.state.service.error:
-                break
-            import time
-            time.sleep(0.02)
+        wait_until(lambda: app.state.service.error, "the background load to fail")
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "error" and "Retry-After" in r.headers
         r = c.post("/v1/features", json={"inputs": "the cat"})
@@ -198,6 +195,24 @@ def test_corrupt_adapter_never_enters_registry(client, settings):
     assert client.app.state.service.engine.peft is None  # nothing was loaded into the model
 
 
+def test_install_error_is_a_logged_500(world, tmp_path, engine, monkeypatch, caplog):
+    """Running out of memory while an adapter goes into the model is the server's failure (500,
+    logged), not the client's (409); nothing is registered and a later registration works."""
+    import peft
+
+    def out_of_memory(*_args, **_kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", out_of_memory)
+    app = create_app(world.settings(tmp_path), engine)
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as c:
+        _error(register(c, "a1"), 500, "internal_error")
+        assert "unexpected error" in caplog.text and "MemoryError" in caplog.text
+        assert c.get("/v1/adapters").json() == {"adapters": []} and engine.peft is None
+        monkeypatch.undo()
+        assert register(c, "a1").status_code == 201
+
+
 def _tar(folder, arcname: str = "adapter") -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
@@ -309,15 +324,15 @@ def test_settings_sources(tmp_path, monkeypatch):
     json_config.write_text('{"max_wait_ms": 7.5}')
     assert Settings.load(config=json_config).max_wait_ms == 7.5
     monkeypatch.delenv("LORASAE_CONFIG")
-    with pytest.raises(Exception, match="config file not found"):
+    with pytest.raises(LorasaeError, match="config file not found"):
         Settings.load(config=tmp_path / "missing.toml")
     monkeypatch.setenv("LORASAE_API_KEY_ENV", "UNSET_LORASAE_TEST_KEY")
-    with pytest.raises(Exception, match="UNSET_LORASAE_TEST_KEY"):
+    with pytest.raises(LorasaeError, match="UNSET_LORASAE_TEST_KEY"):
         Settings().resolved_api_key()
 
 
 def test_serve_cli_errors_are_one_line(world, capsys, monkeypatch):
-    from lorasae.training.cli import main
+    from lorasae.cli import main
 
     monkeypatch.delenv("UNSET_LORASAE_TEST_KEY", raising=False)
     assert main(["serve", "--model", str(world.model), "--api-key-env", "UNSET_LORASAE_TEST_KEY"]) == 2

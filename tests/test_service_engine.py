@@ -4,6 +4,7 @@ one-by-one forwards, concurrent requests share forwards, and a full queue answer
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -18,7 +19,9 @@ from lorasae.service.engine import Row
 from lorasae.service.errors import ServiceError
 from lorasae.splice import Splice
 
-from service_fixtures import TEXTS, client, engine, register, settings, world  # noqa: F401
+from service_fixtures import TEXTS, _tokenizer, client, engine, make_adapter, register, settings, world  # noqa: F401
+
+WAIT_S = 120.0  # a bound on waits for events, generous for a slow shared machine (never a delay)
 
 
 def _load(engine, name: str, settings, source: str | None = None) -> None:
@@ -41,6 +44,11 @@ def test_served_features_equal_offline_splice(client, world, settings, adapter):
     lm = load_model(str(world.model), "cpu")
     saes = [load_sae(str(world.saes[layer]), model=lm.model) for layer in layers]
     model = lm.model if adapter is None else PeftModel.from_pretrained(lm.model, str(settings.adapter_root / adapter))
+    _assert_equals_offline(served, model, saes, ids)
+
+
+def _assert_equals_offline(served: dict, model: torch.nn.Module, saes: list, ids: list[list[int]]) -> None:
+    """Each served row (top_k 8, logits top 3) equals ``model`` run alone on it with the SAEs spliced."""
     model.eval()
     for row, result in zip(ids, served["results"]):
         x = torch.tensor([row])
@@ -141,23 +149,49 @@ def test_concurrent_requests_share_forwards(world, tmp_path, engine):
 
 
 def test_queue_full_is_429_with_retry_after(world, tmp_path, engine):
+    """With the forward held, one row runs and two wait (max_queue 2): of six single-row requests
+    at least three are refused at once (429), and the rest are answered once it is let go."""
     s = world.settings(tmp_path, max_queue=2, max_batch=1, max_wait_ms=0)
     app = create_app(s, engine)
+    release = threading.Event()
     real = engine.run_batch
 
-    def slow(rows):
-        time.sleep(0.2)
+    def held(rows):
+        release.wait(timeout=WAIT_S)
         return real(rows)
 
-    engine.run_batch = slow
-    bodies = [{"inputs": [[1, 5, 9]]}] * 6
-    responses, metrics = _concurrent(app, bodies)
+    engine.run_batch = held
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+                posts = [asyncio.create_task(c.post("/v1/features", json={"inputs": [[1, 5, 9]]}))
+                         for _ in range(6)]
+                try:  # nothing can succeed while the forward is held: what is done was refused
+                    await _until(lambda: sum(p.done() for p in posts) >= 3, "three refusals")
+                finally:
+                    release.set()
+                responses = await asyncio.gather(*posts)
+                metrics = (await c.get("/metrics")).text
+        return responses, metrics
+
+    responses, metrics = asyncio.run(main())
     codes = sorted(r.status_code for r in responses)
-    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+    assert 200 in codes and codes.count(429) >= 3 and set(codes) <= {200, 429}
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["code"] == "queue_full"
     assert "lorasae_rejected_total" in metrics
+
+
+async def _until(condition, what: str, timeout: float = WAIT_S) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout} s for {what}")
+        await asyncio.sleep(0.01)
 
 
 def test_batcher_groups_by_sae_set_and_limits(engine):
@@ -185,3 +219,135 @@ def test_batcher_groups_by_sae_set_and_limits(engine):
     assert seen[0] == [((1,), 3), ((1,), 4), ((1,), 2)]  # 3 rows x width 4 = 12 tokens
     assert all(len({layers for layers, _ in batch}) == 1 for batch in seen)
     assert sum(len(b) for b in seen) == 5
+
+
+# ------------------------------------------------------------------ a failed adapter install
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory")], ids=["oom-host", "oom-cuda"])
+@pytest.mark.parametrize("where", ["wrapping", "weights"])
+def test_install_failure_is_not_a_mismatch(engine, settings, monkeypatch, error, where):
+    """An error of the server's own while an adapter goes in (out of memory, a bug) propagates as it
+    is (the app answers a logged 500, not a 409 blaming the client), and the model is left as it
+    was: peft had wrapped some modules (``wrapping``: it fails at the second) or loaded the config
+    (``weights``) when it failed."""
+    import peft
+    from peft.tuners.lora.model import LoraModel
+
+    rows = [Row([1, 5, 9, 12], None, (1,))]
+    modules = [name for name, _ in engine.base.named_modules()]
+    clean = engine.run_batch(rows)[0].loss
+    x = engine.validate_adapter(settings.adapter_root / "a2")
+
+    def install_failing() -> None:
+        with monkeypatch.context() as patch:
+            if where == "weights":
+                patch.setattr(peft, "set_peft_model_state_dict", _raiser(error))
+            else:
+                patch.setattr(LoraModel, "_create_and_replace", _raiser(error, after=1,
+                                                                        real=LoraModel._create_and_replace))
+            with pytest.raises(type(error)) as raised:
+                engine.add_adapter("x", x)
+        assert raised.value is error
+
+    install_failing()  # as the first adapter: peft's model is being built
+    assert engine.adapters == {} and engine.peft is None
+    assert [name for name, _ in engine.base.named_modules()] == modules
+    assert engine.run_batch(rows)[0].loss == clean
+
+    _load(engine, "a1", settings)
+    with_a1 = engine.run_batch([_row(engine, [1, 5, 9, 12], "a1", (1,))])[0].loss
+    install_failing()  # beside a loaded adapter
+    assert set(engine.adapters) == {"a1"} and set(engine.peft.peft_config) == {"a1"}
+    assert not [name for name, _ in engine.peft.named_modules() if name.endswith(".x")]
+    assert engine.run_batch(rows)[0].loss == clean
+    assert engine.run_batch([_row(engine, [1, 5, 9, 12], "a1", (1,))])[0].loss == with_a1
+
+    engine.add_adapter("x", x)  # the same adapter installs fine afterwards
+    assert set(engine.adapters) == {"a1", "x"}
+    # and an adapter peft finds does not fit (config rank 8, weights rank 4) is still a 409
+    wrong_rank = engine.validate_adapter(settings.adapter_root / "a1")
+    wrong_rank.config.r = 8
+    with pytest.raises(ServiceError) as refused:
+        engine.add_adapter("y", wrong_rank)
+    assert (refused.value.status, refused.value.code) == (409, "adapter_mismatch")
+    assert set(engine.adapters) == {"a1", "x"} and set(engine.peft.peft_config) == {"a1", "x"}
+
+
+def _raiser(error: BaseException, after: int = 0, real=None):
+    """A stand-in that calls ``real`` ``after`` times, then raises ``error``."""
+    calls = []
+
+    def fn(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise error
+        return real(*args, **kwargs)
+    return fn
+
+
+# ------------------------------------------------------------------ GPT-2-style (Conv1D) adapters
+
+
+@pytest.fixture(scope="module")
+def gpt2_world(tmp_path_factory):
+    """A tiny random GPT-2 (Conv1D layers: weight ``[in, out]``) with the tiny world's tokenizer,
+    a TopK SAE on layer 1 and a LoRA adapter on ``c_attn``/``c_proj`` (``fan_in_fan_out``)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from service_fixtures import WORDS
+
+    root = tmp_path_factory.mktemp("gpt2-world")
+    gen = torch.Generator().manual_seed(0)
+    corpus = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (200,), generator=gen))
+              for _ in range(40)]
+    tokenizer = _tokenizer(corpus)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+    model_dir = root / "model"
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=8,
+                                metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    sae.save_model(root / "sae1")
+    make_adapter(model_dir, root / "adapters" / "g1", [root / "sae1"], seed=7,
+                 targets=("c_attn", "c_proj"), layers=(1, 2), fan_in_fan_out=True)
+    return root
+
+
+def test_conv1d_adapter_served_equals_offline_splice(gpt2_world, tmp_path):
+    """A LoRA adapter on GPT-2's Conv1D layers, registered over HTTP, serves the numbers of
+    lorasae.splice.Splice on PeftModel.from_pretrained (and they differ from the base model's)."""
+    from fastapi.testclient import TestClient
+    from peft import PeftModel
+
+    from lorasae.service.engine import Engine
+    from lorasae.service.settings import Settings
+
+    settings = Settings(model=str(gpt2_world / "model"), saes=[str(gpt2_world / "sae1")],
+                        adapter_root=gpt2_world / "adapters", db_path=tmp_path / "registry.sqlite3",
+                        device="cpu", max_wait_ms=2.0)
+    engine = Engine.from_settings(settings)
+    ids = [[1, 5, 9, 12, 7, 30, 3], [1, 40, 41]]
+    body = {"inputs": ids, "top_k": 8, "logits": "top_k", "logits_top_k": 3}
+    try:
+        with TestClient(create_app(settings, engine), base_url="http://localhost") as client:
+            assert register(client, "g1").status_code == 201
+            served = client.post("/v1/features", json={**body, "adapter": "g1"}).json()
+            base = client.post("/v1/features", json=body).json()
+    finally:
+        engine.close()
+    lm = load_model(str(gpt2_world / "model"), "cpu")
+    saes = [load_sae(str(gpt2_world / "sae1"), model=lm.model)]
+    _assert_equals_offline(base, lm.model, saes, ids)
+    _assert_equals_offline(served, PeftModel.from_pretrained(lm.model, str(gpt2_world / "adapters" / "g1")),
+                           saes, ids)
+    def losses(response: dict) -> list[list[float | None]]:
+        return [[t["loss"] for t in result["tokens"]] for result in response["results"]]
+    assert losses(served) != losses(base)

@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_world import CTX, N_LAYERS
 
+from lorasae.cli import main
 from lorasae.data import packed_sequences
 from lorasae.manifest import MANIFEST_FILE, AdapterManifest
 from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs
@@ -37,7 +39,6 @@ from lorasae.saes import load_sae, sae_fingerprint
 from lorasae.splice import Splice
 from lorasae.training import loop as training_loop
 from lorasae.training import train_lora as tl
-from lorasae.training.cli import main
 from lorasae.training.eval import EvalConfig, run_eval
 from lorasae.training.loop import CHECKPOINT_DIR, CHECKPOINT_FILE
 from lorasae.training.train_lora import (
@@ -46,9 +47,8 @@ from lorasae.training.train_lora import (
     train_lora,
     wrap_with_lora,
 )
-from tiny_world import CTX, N_LAYERS
 
-BIN = Path(sys.executable).parent  # the venv's bin: lorasae and accelerate console scripts
+BIN = Path(sys.executable).parent  # the venv's bin: the accelerate console script
 ADAPTER_FILE = "adapter_model.safetensors"
 SUBPROCESS_TIMEOUT = 300
 
@@ -195,23 +195,51 @@ def run_d0(world, tmp_path_factory):
     return {"cfg": cfg, "out": out, "metrics": train_lora(cfg, out)}
 
 
+# The killed run's process pauses once it has done this many steps (its last checkpoint, every 2
+# steps, was at the step before: the step after it is lost and redone on --resume) and signals it;
+# the test then kills it. An event, not a timing: the kill always lands at the same step.
+PAUSE_AT_STEP = 5
+_PAUSED_CHILD = """
+import sys, time
+from pathlib import Path
+from lorasae.training import loop
+
+signal_file, pause_at = Path(sys.argv[1]), int(sys.argv[2])
+real_step = loop._train_step
+
+def step_then_pause(run):
+    loss = real_step(run)
+    if run.state.step == pause_at:
+        signal_file.touch()
+        while True:
+            time.sleep(1)  # until SIGKILL
+    return loss
+
+loop._train_step = step_then_pause
+from lorasae.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 @pytest.fixture(scope="module")
 def killed_run(baseline, tmp_path_factory):
-    """The baseline's command in a subprocess, killed with SIGKILL right after its first checkpoint."""
-    out = tmp_path_factory.mktemp("killed") / "adapter"
+    """The baseline's command in a subprocess, killed with SIGKILL in the middle of the run."""
+    root = tmp_path_factory.mktemp("killed")
+    out, paused = root / "adapter", root / "paused"
     ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
-    cmd = [str(BIN / "lorasae"), "train", *cli_args(baseline["cfg"], out)]
+    cmd = [sys.executable, "-c", _PAUSED_CHILD, str(paused), str(PAUSE_AT_STEP),
+           "train", *cli_args(baseline["cfg"], out)]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + SUBPROCESS_TIMEOUT
     try:
-        while not ckpt.exists():
+        while not paused.exists():
             if proc.poll() is not None:
-                pytest.fail(f"training exited ({proc.returncode}) before its first checkpoint:\n"
+                pytest.fail(f"training exited ({proc.returncode}) before step {PAUSE_AT_STEP}:\n"
                             f"{proc.stderr.read()[-3000:]}")
             if time.time() > deadline:
-                pytest.fail("no checkpoint within the timeout")
-            time.sleep(0.01)
+                pytest.fail(f"training did not reach step {PAUSE_AT_STEP} within the timeout")
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -220,8 +248,7 @@ def killed_run(baseline, tmp_path_factory):
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    total = baseline["metrics"]["train"]["steps"]
-    assert 2 <= state["step"] < total, "the kill must land in the middle of the run"
+    assert state["step"] == PAUSE_AT_STEP - 1  # the last checkpoint; step 5 died with the process
     assert not (out / MANIFEST_FILE).exists() and not (out / ADAPTER_FILE).exists()
     return {"out": out, "killed_at_step": state["step"]}
 
@@ -312,7 +339,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(baseline, killed_run, tm
     out = tmp_path / "resumed"
     shutil.copytree(killed_run["out"], out)
     # a kill in the middle of writing a checkpoint leaves this behind; it must not matter
-    (out / CHECKPOINT_DIR / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"\x80 half a pickle")
+    (out / CHECKPOINT_DIR / f".{CHECKPOINT_FILE}.0badc0de.tmp").write_bytes(b"\x80 half a pickle")
 
     metrics = train_lora(baseline["cfg"], out, resume=True)
 
@@ -348,6 +375,26 @@ def test_fixed_seed_reproduces_and_other_seed_differs(baseline, tmp_path):
     assert max_abs_diff(a, c) > 1e-2
     lora_a = [k for k in a if "lora_A" in k]
     assert all(not torch.allclose(a[k], c[k]) for k in lora_a)
+
+
+def test_max_minutes_stops_the_run_early_and_says_why(baseline, tmp_path, capsys):
+    """``--max-minutes``: the run stops at the first step past the limit, finished (adapter,
+    manifest, metrics; no checkpoint left), and its record says why and how far it got."""
+    cfg = dataclasses.replace(baseline["cfg"], max_minutes=1e-9)  # any step is past it
+    out = tmp_path / "short"
+    assert main(["train", *cli_args(cfg, out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    train = read_json(out / "metrics.json")["train"]
+    assert train == printed["train"]
+    assert train["stop_reason"] == "max minutes" and train["steps"] == 1
+    assert train["tokens"] == 4 * CTX
+    assert AdapterManifest.load(out).training["stop_reason"] == "max minutes"
+    assert (out / ADAPTER_FILE).is_file() and not (out / CHECKPOINT_DIR).exists()
+    history = read_json(out / "metrics.json")["history"]
+    assert [h["step"] for h in history] == [1]
+    # the one step is the uninterrupted run's first step
+    assert history[0]["train_kl"] == baseline["metrics"]["history"][0]["train_kl"]
+    assert baseline["metrics"]["train"]["stop_reason"] == "token budget"
 
 
 # ---------------------------------------------------------------- 5: the adapter dir, reloaded
@@ -646,7 +693,7 @@ def test_accelerate_ddp_two_processes_match_one(run_d0, tmp_path):
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           "-m", "lorasae.training.cli", "train", *cli_args(run_d0["cfg"], out)]
+           "-m", "lorasae.cli", "train", *cli_args(run_d0["cfg"], out)]
     env = subprocess_env()
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)

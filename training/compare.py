@@ -16,12 +16,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Literal
 
 from lorasae.errors import LorasaeError
+from lorasae.files import write_json_atomic
 from lorasae.models import DEFAULT_MODEL
-from lorasae.training.loop import LoopConfig, reuse_or_train, write_json_atomic
+from lorasae.training.loop import LoopConfig, reuse_or_train
+from lorasae.training.plots import plot_compare
+from lorasae.training.presets import CPU_RANK, cpu_loop
 from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
 from lorasae.training.train_lora import LoraTrainConfig, train_lora
+from lorasae.training.train_sae import ensure_default_sae
 
 COMPARE_FILE = "compare.json"
 COMPARE_PLOT = "compare.png"
@@ -31,18 +36,28 @@ COMPARE_PLOT = "compare.png"
 class CompareConfig:
     """The shared data/schedule (``loop``) plus what differs between the two runs."""
 
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(
-        lr=1e-3, max_steps=150, tokens=150 * 8 * 128, eval_every=10, eval_tokens=8192))
-    rank: int = 16
-    layers: str = "after"
-    e2e_lr: float = 5e-4
-    e2e_init: str = "finetune"
+    loop: LoopConfig = field(default_factory=lambda: cpu_loop(150, eval_every=10, eval_tokens=8192))
+    rank: int = field(default=CPU_RANK, metadata={"help": "LoRA rank"})
+    layers: Literal["after", "all"] = field(default="after", metadata={
+        "help": "adapt only the layers after the SAE (the paper's main runs) or all"})
+    e2e_lr: float = field(default=5e-4, metadata={"help": "e2e SAE learning rate"})
+    e2e_init: Literal["finetune", "scratch"] = field(default="finetune", metadata={
+        "help": "the e2e SAE starts from the given SAE's weights or from a fresh initialisation"})
 
     def lora(self) -> LoraTrainConfig:
         return LoraTrainConfig(**asdict(self.loop), rank=self.rank, layers=self.layers)
 
     def e2e(self) -> E2eTrainConfig:
         return E2eTrainConfig(**{**asdict(self.loop), "lr": self.e2e_lr}, init=self.e2e_init)
+
+
+# `--preset paper`: the paper's run (rank 64, lr 5e-5, batch 1 x ctx 1024, 15M tokens, LoRA after the
+# SAE; for a GPU), by field path of CompareConfig; fields given on the command line win over it.
+PAPER_PRESET: dict[str, Any] = {
+    "rank": 64, "layers": "after", "loop.lr": 5e-5, "loop.ctx": 1024, "loop.batch_size": 1,
+    "loop.tokens": 15_000_000, "loop.max_steps": None, "loop.eval_every": 500,
+    "loop.eval_tokens": 1_000_000}
+PRESETS = {"paper": PAPER_PRESET}
 
 
 def curve(metrics: dict) -> list[dict]:
@@ -114,44 +129,9 @@ def summarise(cfg: CompareConfig, lora: dict, e2e: dict, sae_seconds: float | No
     return result
 
 
-def plot_compare(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    for ax, key, label in ((axes[0], "seconds", "training wall-clock seconds"),
-                           (axes[1], "tokens", "training tokens")):
-        for run, colour, name in (("lora", "tab:blue", "LoRA-SAE (model adapted, SAE frozen)"),
-                                  ("e2e", "tab:orange", f"e2e SAE ({result['e2e']['init']}, model frozen)")):
-            pts = result[run]["curve"]
-            ax.plot([p[key] for p in pts], [p["ce"] for p in pts], marker="o", ms=3, color=colour,
-                    label=name)
-            reached = result[run][f"{key}_to_target"]
-            if reached is not None:
-                ax.axvline(reached, color=colour, alpha=0.4, linestyle="-.")
-        ax.axhline(result["target_ce"], color="tab:orange", linestyle=":", label="e2e final CE (target)")
-        ax.axhline(result["ce_spliced"], color="tab:red", linestyle=":", label="given SAE spliced")
-        ax.axhline(result["ce_clean"], color="black", linestyle="--", label="clean model")
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out CE (nats)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    speed = result["speedup"]
-    fig.suptitle("LoRA-SAE vs e2e SAE: time to the e2e run's final CE"
-                 + (f" — speed-up {speed:.1f}x" if speed is not None else " — not reached"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
 def run_compare(cfg: CompareConfig, out: Path) -> dict:
     if cfg.loop.model == DEFAULT_MODEL and not cfg.loop.saes:
-        from lorasae.training.demo import default_sae_path
-
-        cfg = replace(cfg, loop=replace(cfg.loop, saes=[default_sae_path()]))
+        cfg = replace(cfg, loop=replace(cfg.loop, saes=[str(ensure_default_sae())]))
     if len(cfg.loop.saes) != 1:
         raise LorasaeError("compare takes one --sae (the e2e baseline trains one SAE)")
     out = Path(out)

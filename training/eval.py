@@ -8,36 +8,37 @@ from pathlib import Path
 
 import torch
 
-from lorasae.data import DEFAULT_CORPUS, packed_sequences
+from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.manifest import AdapterManifest
 from lorasae.metrics import evaluate
-from lorasae.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
-from lorasae.saes import LoadedSAE, load_sae, sae_fingerprint
+from lorasae.models import LoadedModel, load_model, model_fingerprint
+from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
+from lorasae.training.fields import (
+    corpus_field,
+    ctx_field,
+    device_field,
+    dtype_field,
+    keep_first_field,
+    model_field,
+)
 from lorasae.training.train_sae import ensure_default_sae
 
 
 @dataclass
 class EvalConfig:
-    model: str = DEFAULT_MODEL
-    saes: list[str] = field(default_factory=list)  # empty: the adapter's SAEs, else the default SAE
-    adapter: str | None = None
-    tokens: int = 16_384
-    ctx: int = 128
-    batch_size: int = 8
-    corpus: str = DEFAULT_CORPUS
-    keep_first: bool = True
-    device: str | None = None
-    dtype: str | None = None
-
-
-def resolve_saes(lm: LoadedModel, specs: list[str], model_spec: str) -> list[LoadedSAE]:
-    """Load the SAEs named by ``specs``; with none given, the default SAE of the default model."""
-    if not specs:
-        if model_spec != DEFAULT_MODEL:
-            raise LorasaeError("--sae is required with a non-default --model")
-        specs = [str(ensure_default_sae(lm))]
-    return [load_sae(spec, device=lm.device, model=lm.model) for spec in specs]
+    model: str = model_field()
+    saes: list[str] = field(default_factory=list, metadata={
+        "flag": "--sae", "help": "sae-lens folder or release/sae_id; repeat to splice several at "
+        "once (default: the adapter's SAEs, else the embedded default SAE, trained on first use)"})
+    adapter: str | None = field(default=None, metadata={"help": "peft adapter directory to evaluate"})
+    tokens: int = field(default=16_384, metadata={"help": "held-out tokens to evaluate"})
+    ctx: int = ctx_field()
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward"})
+    corpus: str = corpus_field()
+    keep_first: bool = keep_first_field()
+    device: str | None = device_field()
+    dtype: str | None = dtype_field()
 
 
 def identities(lm: LoadedModel, saes: list[LoadedSAE]) -> dict:
@@ -64,7 +65,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     manifest = AdapterManifest.load(cfg.adapter) if cfg.adapter else None
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     specs = cfg.saes or ([entry.id for entry in manifest.saes] if manifest else [])
-    saes = resolve_saes(lm, specs, cfg.model)
+    saes = resolve_saes(lm, specs, cfg.model, ensure_default_sae)
     ids = identities(lm, saes)
     if manifest is not None:
         manifest.check(ids["model_fingerprint"], saes)

@@ -16,23 +16,32 @@ random numbers (dropout masks) from a seed derived from its index.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lorasae.data import DEFAULT_CORPUS, packed_sequences
+from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
-from lorasae.models import DEFAULT_MODEL, LoadedModel, load_model
-from lorasae.saes import LoadedSAE
-from lorasae.training.eval import resolve_saes
+from lorasae.files import write_atomic, write_json_atomic
+from lorasae.models import LoadedModel, load_model
+from lorasae.saes import LoadedSAE, resolve_saes
+from lorasae.training.fields import (
+    corpus_field,
+    ctx_field,
+    device_field,
+    dtype_field,
+    keep_first_field,
+    model_field,
+)
 from lorasae.training.plots import plot_training
+from lorasae.training.train_sae import ensure_default_sae
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -47,25 +56,31 @@ RESUMABLE_CHANGES = {"max_steps", "max_minutes", "eval_every", "checkpoint_every
 class LoopConfig:
     """Settings every KL-trained run shares; subclasses add what they train."""
 
-    model: str = DEFAULT_MODEL
-    saes: list[str] = field(default_factory=list)
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    ctx: int = 128
-    batch_size: int = 8  # sequences per optimizer step, across processes and accumulation
-    grad_accum: int = 1
-    tokens: int = 300_000  # training token budget (one pass over that many train-split tokens)
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    eval_every: int = 100  # steps between held-out CE evals of the spliced, trained model
-    eval_tokens: int = 16_384
-    checkpoint_every: int = 25
-    seed: int = 0
-    corpus: str = DEFAULT_CORPUS
-    keep_first: bool = True
-    device: str | None = None
-    dtype: str | None = None
+    model: str = model_field()
+    saes: list[str] = field(default_factory=list, metadata={
+        "flag": "--sae", "help": "SAE to splice: sae-lens folder or release/sae_id (repeat for "
+                                 "several layers; default: the embedded default SAE)"})
+    lr: float = field(default=5e-5, metadata={"help": "learning rate (AdamW, constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    ctx: int = ctx_field()
+    batch_size: int = field(default=8, metadata={
+        "help": "sequences per optimizer step (global, whatever the processes/accumulation)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    tokens: int = field(default=300_000, metadata={
+        "help": "training token budget (one pass over that many train-split tokens)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "stop after this many minutes of training"})
+    eval_every: int = field(default=100, metadata={
+        "help": "steps between held-out CE evaluations (their time is not training time)"})
+    eval_tokens: int = field(default=16_384, metadata={"help": "held-out tokens per evaluation"})
+    checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints (--resume)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation, data order and dropout"})
+    corpus: str = corpus_field()
+    keep_first: bool = keep_first_field()
+    device: str | None = device_field()
+    dtype: str | None = dtype_field()
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -114,25 +129,8 @@ class Objective(ABC):
         """Write the result; the file that marks completion (see ``DONE_MARKERS``) goes last."""
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_checkpoint(out: Path, state: dict) -> None:
-    """One file, written then renamed: a kill at any moment leaves the previous checkpoint intact."""
-    directory = out / CHECKPOINT_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / CHECKPOINT_FILE)
-
-
 def _prepare_out(out: Path, resume: bool) -> dict | None:
-    """Refuse to overwrite finished or interrupted runs unless resuming; return the checkpoint state."""
+    """Refuse to overwrite finished or interrupted runs unless resuming; return the checkpoint."""
     ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
     done = is_finished(out)
     if resume:
@@ -165,16 +163,64 @@ def reuse_or_train(cfg: LoopConfig, out: Path, train: Callable[..., dict]) -> di
 BuildObjective = Callable[[LoadedModel, list[LoadedSAE], object], Objective]
 
 
-def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = False) -> dict:
-    """Train ``build(lm, saes, accelerator)``'s objective on ``cfg``'s data; returns metrics.json's dict."""
+@dataclass
+class RunState:
+    """A run's progress: what a checkpoint holds besides the weights, and ``--resume`` restores."""
+
+    metrics: dict  # metrics.json so far: config, start evaluation, history
+    step: int = 0  # optimizer steps done
+    elapsed: float = 0.0  # training seconds so far (evaluations excluded)
+    history: list[dict] = field(default_factory=list)
+
+    def to_checkpoint(self, cfg: LoopConfig, weights: dict, optimizer: dict) -> dict:
+        """The checkpoint's contents: this state, the settings, the trained weights, the optimizer."""
+        return {"config": asdict(cfg), "step": self.step, "elapsed": self.elapsed,
+                "history": self.history, "metrics": self.metrics, "weights": weights,
+                "optimizer": optimizer}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> RunState:
+        return cls(metrics=saved["metrics"], step=saved["step"], elapsed=saved["elapsed"],
+                   history=saved["history"])
+
+
+@dataclass
+class _Run:
+    """A run in progress: what ``run_loop``'s phases share."""
+
+    cfg: LoopConfig
+    out: Path
+    accelerator: Any
+    objective: Objective
+    prepared: torch.nn.Module  # the objective's module as accelerate prepared it (maybe DDP)
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    train: torch.Tensor  # packed training sequences
+    heldout: torch.Tensor  # packed held-out sequences
+    order: torch.Tensor  # the seeded order in which training sequences are drawn
+    total_steps: int
+    state: RunState
+    started: float = 0.0  # the wall-clock time at which training time would be 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.ctx
+
+
+def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _Run:
+    """Check ``out`` (and a checkpoint's settings), load the model, SAEs and data, build the
+    objective and optimizer, restore the checkpoint; evaluate the start unless it is restored."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     cfg.validate()
-    out = Path(out)
-    state = _prepare_out(out, resume)
-    if state is not None and state["config"] != asdict(cfg):
-        changed = {k for k, v in asdict(cfg).items() if state["config"].get(k) != v}
+    saved = _prepare_out(out, resume)
+    if saved is not None and saved["config"] != asdict(cfg):
+        changed = {k for k, v in asdict(cfg).items() if saved["config"].get(k) != v}
         if changed - RESUMABLE_CHANGES:
             raise LorasaeError(f"--resume with different settings: {sorted(changed - RESUMABLE_CHANGES)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +230,6 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_cuda else "no",
         cpu=not use_cuda, dataloader_config=DataLoaderConfiguration(split_batches=True))
-    main = accelerator.is_main_process
     micro = cfg.batch_size // cfg.grad_accum
     if micro % accelerator.num_processes:
         raise LorasaeError(f"--batch-size/--grad-accum ({micro}) must be a multiple of the "
@@ -192,19 +237,19 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
 
     # Weights stay fp32 for training (bf16 autocast on CUDA comes from accelerate).
     lm = load_model(cfg.model, accelerator.device, cfg.dtype or "float32")
-    saes = resolve_saes(lm, cfg.saes, cfg.model)
+    saes = resolve_saes(lm, cfg.saes, cfg.model, ensure_default_sae)
     torch.manual_seed(cfg.seed)  # initialisations draw from the global RNG
     objective = build(lm, saes, accelerator)
-    if state is not None:
-        objective.load_state_dict(state["weights"])
+    if saved is not None:
+        objective.load_state_dict(saved["weights"])
     trainable = objective.trainable()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     train = packed_sequences(lm.tokenizer, "train", cfg.tokens, cfg.ctx, cfg.corpus)
     heldout = packed_sequences(lm.tokenizer, "heldout", cfg.eval_tokens, cfg.ctx, cfg.corpus)
     prepared, optimizer = accelerator.prepare(objective.module, optimizer)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     total_steps = train.shape[0] // micro // cfg.grad_accum
     if cfg.max_steps is not None:
@@ -212,81 +257,109 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
     if total_steps < 1:
         raise LorasaeError("the token budget gives no full optimizer step; raise --tokens")
 
-    step = state["step"] if state else 0
-    elapsed = state["elapsed"] if state else 0.0
-    history: list[dict] = state["history"] if state else []
-    tokens_per_step = cfg.batch_size * cfg.ctx
-    metrics: dict = state["metrics"] if state else {"config": asdict(cfg)}
-    if main and "start" not in metrics:
-        metrics["start"] = objective.evaluate(heldout)
-        write_json_atomic(out / METRICS_FILE, metrics)
+    state = RunState.from_checkpoint(saved) if saved else RunState(metrics={"config": asdict(cfg)})
+    run = _Run(cfg, out, accelerator, objective, prepared, trainable, optimizer, train, heldout,
+               order, total_steps, state)
+    if run.main and "start" not in state.metrics:
+        state.metrics["start"] = objective.evaluate(heldout)
+        write_json_atomic(out / METRICS_FILE, state.metrics)
+    return run
 
-    def checkpoint() -> None:
-        if main:
-            _save_checkpoint(out, {
-                "config": asdict(cfg), "step": step, "elapsed": elapsed, "history": history,
-                "metrics": metrics, "weights": objective.state_dict(),
-                "optimizer": optimizer.state_dict()})
-        accelerator.wait_for_everyone()
 
-    prepared.train()
-    bar = tqdm(total=total_steps, initial=step, desc=objective.desc, unit="step", disable=not main)
-    running = None
-    started = time.time() - elapsed
-    stop_reason = "max steps" if cfg.max_steps is not None and total_steps == cfg.max_steps \
-        else "token budget"
+def _train_step(run: _Run) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its loss (mean over them).
+
+    The global micro-batch ``i`` and its random numbers are fixed by the seed, whatever the
+    number of processes (each takes its slice) and whether the run was resumed."""
+    cfg, accelerator = run.cfg, run.accelerator
+    micro = cfg.batch_size // cfg.grad_accum
     per_process = micro // accelerator.num_processes
-    step_loss = 0.0  # mean over the step's micro-batches
-    for micro_index in range(step * cfg.grad_accum, total_steps * cfg.grad_accum):
-        # The global micro-batch i is fixed by the seed; each process takes its slice of it.
-        rows = order[micro_index * micro:(micro_index + 1) * micro]
-        rows = rows[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
-        ids = train[rows].to(accelerator.device)
+    first = accelerator.process_index * per_process
+    step_loss = 0.0
+    for micro_index in range(run.state.step * cfg.grad_accum, (run.state.step + 1) * cfg.grad_accum):
+        rows = run.order[micro_index * micro:(micro_index + 1) * micro][first:first + per_process]
+        ids = run.train[rows].to(accelerator.device)
         torch.manual_seed(cfg.seed * 1_000_003 + micro_index * accelerator.num_processes
                           + accelerator.process_index)
-        with accelerator.accumulate(prepared), accelerator.autocast():
-            loss = objective.loss(prepared, ids)
+        with accelerator.accumulate(run.prepared), accelerator.autocast():
+            loss = run.objective.loss(run.prepared, ids)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad()
+            if accelerator.sync_gradients:  # the step's last micro-batch
+                accelerator.clip_grad_norm_(run.trainable, cfg.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
         step_loss += float(accelerator.reduce(loss.detach(), reduction="mean")) / cfg.grad_accum
-        if not accelerator.sync_gradients:
-            continue
-        value, step_loss = step_loss, 0.0
-        step += 1
-        elapsed = time.time() - started
-        running = value if running is None else 0.9 * running + 0.1 * value
-        entry = {"step": step, "tokens": step * tokens_per_step, "seconds": round(elapsed, 2),
-                 "train_kl": value}
+    run.state.step += 1
+    run.state.elapsed = time.time() - run.started
+    return step_loss
+
+
+def _record(run: _Run, train_kl: float) -> None:
+    """The step's history entry; every ``eval_every`` steps (but the last, which ``_finish``
+    evaluates in full) with the held-out CE, whose time does not count as training time."""
+    state = run.state
+    entry = {"step": state.step, "tokens": state.step * run.tokens_per_step,
+             "seconds": round(state.elapsed, 2), "train_kl": train_kl}
+    if run.main and state.step % run.cfg.eval_every == 0 and state.step < run.total_steps:
+        eval_started = time.time()
+        entry["heldout_ce"] = run.objective.heldout_ce(run.heldout)
+        run.started += time.time() - eval_started
+    state.history.append(entry)
+
+
+def _checkpoint(run: _Run) -> None:
+    """What ``--resume`` needs, in one file written atomically: a kill at any moment leaves the
+    previous checkpoint intact."""
+    state = run.state
+    state.metrics["history"] = state.history
+    if run.main:
+        saved = state.to_checkpoint(run.cfg, run.objective.state_dict(), run.optimizer.state_dict())
+        write_atomic(run.out / CHECKPOINT_DIR / CHECKPOINT_FILE, lambda tmp: torch.save(saved, tmp))
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: _Run, stop_reason: str) -> dict:
+    """The final evaluation, metrics.json, the plot, the objective's result (its completion marker
+    last); then the checkpoint goes."""
+    state, metrics = run.state, run.state.metrics
+    if run.main:
+        tokens = state.step * run.tokens_per_step
+        metrics["final"] = run.objective.evaluate(run.heldout)
+        metrics["train"] = {"steps": state.step, "tokens": tokens,
+                            "seconds": round(state.elapsed, 2), "stop_reason": stop_reason,
+                            "tokens_per_second": round(tokens / max(state.elapsed, 1e-9), 1),
+                            "processes": run.accelerator.num_processes}
+        write_json_atomic(run.out / METRICS_FILE, metrics)
+        plot_training(metrics, run.out / PLOT_FILE, run.objective.desc)
+        run.objective.finish(run.out, metrics)
+        shutil.rmtree(run.out / CHECKPOINT_DIR, ignore_errors=True)
+    run.accelerator.wait_for_everyone()
+    return metrics
+
+
+def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = False) -> dict:
+    """Train ``build(lm, saes, accelerator)``'s objective on ``cfg``'s data; returns metrics.json's
+    dict. Stops at the token budget, ``max_steps`` or ``max_minutes`` (``train.stop_reason``)."""
+    run = _setup(cfg, build, Path(out), resume)
+    state = run.state
+    stop_reason = "max steps" if cfg.max_steps is not None and run.total_steps == cfg.max_steps \
+        else "token budget"
+    run.prepared.train()
+    bar = tqdm(total=run.total_steps, initial=state.step, desc=run.objective.desc, unit="step",
+               disable=not run.main)
+    running = None
+    run.started = time.time() - state.elapsed
+    while state.step < run.total_steps:
+        train_kl = _train_step(run)
+        running = train_kl if running is None else 0.9 * running + 0.1 * train_kl
         bar.set_postfix(kl=f"{running:.4f}")
         bar.update(1)
-        if main and (step % cfg.eval_every == 0) and step < total_steps:
-            eval_started = time.time()
-            entry["heldout_ce"] = objective.heldout_ce(heldout)
-            started += time.time() - eval_started  # evals are not training time
-        history.append(entry)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            metrics["history"] = history
-            checkpoint()
-        if cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60:
+        _record(run, train_kl)
+        if state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps:
+            _checkpoint(run)
+        if cfg.max_minutes is not None and state.elapsed >= cfg.max_minutes * 60:
             stop_reason = "max minutes"
             break
     bar.close()
-    metrics["history"] = history
-    if step == 0:
-        raise LorasaeError("no training step ran")
-    checkpoint()
-    if main:
-        metrics["final"] = objective.evaluate(heldout)
-        metrics["train"] = {"steps": step, "tokens": step * tokens_per_step,
-                            "seconds": round(elapsed, 2), "stop_reason": stop_reason,
-                            "tokens_per_second": round(step * tokens_per_step / max(elapsed, 1e-9), 1),
-                            "processes": accelerator.num_processes}
-        write_json_atomic(out / METRICS_FILE, metrics)
-        plot_training(metrics, out / PLOT_FILE, objective.desc)
-        objective.finish(out, metrics)  # writes its completion marker last
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return metrics
+    _checkpoint(run)  # a finish cut short by a kill resumes from here
+    return _finish(run, stop_reason)

@@ -1,13 +1,24 @@
-"""PNG plots of training runs (matplotlib, headless)."""
+"""PNG plots of training runs, comparisons and sweeps.
+
+Figures are built with ``matplotlib.figure.Figure`` and written with its ``savefig`` (atomically):
+no pyplot and no ``matplotlib.use``, so importing the trainer leaves the caller's backend (e.g. a
+notebook's inline plots) alone.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from lorasae.files import write_atomic
+
+DPI = 120
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def plot_training(metrics: dict, path: Path, label: str = "LoRA-SAE") -> Path:
@@ -18,13 +29,20 @@ def plot_training(metrics: dict, path: Path, label: str = "LoRA-SAE") -> Path:
     if "heldout_ce" in final:
         points.append((metrics["train"]["tokens"], final["heldout_ce"]))
     xs, ys = zip(*points)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     ax.axhline(start["ce_clean"], color="black", linestyle="--", label="clean (no SAE)")
     ax.axhline(start["ce_spliced"], color="tab:red", linestyle=":", label="SAE spliced, before training")
     ax.plot(xs, ys, marker="o", color="tab:blue", label=f"{label}: SAE spliced, trained")
     if "ce_adapted_clean" in final:
-        ax.scatter([xs[-1]], [final["ce_adapted_clean"]], marker="x", color="tab:green",
-                   label="adapter alone (no SAE)", zorder=3)
+        ax.scatter(
+            [xs[-1]],
+            [final["ce_adapted_clean"]],
+            marker="x",
+            color="tab:green",
+            label="adapter alone (no SAE)",
+            zorder=3,
+        )
     gap = final.get("gap_closed")
     title = f"{label}: held-out CE" + (f" (gap closed {gap:.0%})" if gap is not None else "")
     ax.set_title(title)
@@ -32,7 +50,91 @@ def plot_training(metrics: dict, path: Path, label: str = "LoRA-SAE") -> Path:
     ax.set_ylabel("cross-entropy (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def plot_compare(result: dict, path: Path) -> Path:
+    """`lorasae compare`: both runs' held-out CE against seconds and against tokens, the target."""
+    fig = Figure(figsize=(12, 4.4))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in (
+        (axes[0], "seconds", "training wall-clock seconds"),
+        (axes[1], "tokens", "training tokens"),
+    ):
+        for run, colour, name in (
+            ("lora", "tab:blue", "LoRA-SAE (model adapted, SAE frozen)"),
+            ("e2e", "tab:orange", f"e2e SAE ({result['e2e']['init']}, model frozen)"),
+        ):
+            pts = result[run]["curve"]
+            ax.plot([p[key] for p in pts], [p["ce"] for p in pts], marker="o", ms=3, color=colour, label=name)
+            reached = result[run][f"{key}_to_target"]
+            if reached is not None:
+                ax.axvline(reached, color=colour, alpha=0.4, linestyle="-.")
+        ax.axhline(result["target_ce"], color="tab:orange", linestyle=":", label="e2e final CE (target)")
+        ax.axhline(result["ce_spliced"], color="tab:red", linestyle=":", label="given SAE spliced")
+        ax.axhline(result["ce_clean"], color="black", linestyle="--", label="clean model")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out CE (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    speed = result["speedup"]
+    fig.suptitle(
+        "LoRA-SAE vs e2e SAE: time to the e2e run's final CE"
+        + (f" — speed-up {speed:.1f}x" if speed is not None else " — not reached")
+    )
+    return _save(fig, path)
+
+
+def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
+    """`lorasae sweep`: ``sweep_rank.png`` (gap closed vs rank) and ``sweep_pareto.png`` (held-out
+    CE vs L0), each when its sweep has rows; returns the paths written."""
+    paths = []
+    rank_rows = sorted((r for r in rows if "rank" in r["sweeps"]), key=lambda r: r["rank"])
+    if rank_rows:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        ax.plot([r["rank"] for r in rank_rows], [r["gap_closed"] for r in rank_rows], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank")
+        ax.set_ylabel("CE gap closed")
+        ax.set_title(f"Gap closed vs rank ({rank_rows[0]['steps']} steps, layer {rank_rows[0]['layer']})")
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, Path(out) / "sweep_rank.png"))
+    lora = sorted(
+        (r for r in rows if "sparsity" in r["sweeps"] and r["kind"] == "lora"), key=lambda r: r["l0"]
+    )
+    e2e = sorted((r for r in rows if r["kind"] == "e2e"), key=lambda r: r["l0"])
+    if lora:
+        fig = Figure(figsize=(6.5, 4.2))
+        ax = fig.subplots()
+        ax.plot(
+            [r["l0"] for r in lora],
+            [r["ce_spliced"] for r in lora],
+            marker="o",
+            color="tab:red",
+            label="SAE spliced",
+        )
+        ax.plot(
+            [r["l0"] for r in lora],
+            [r["ce_adapted_spliced"] for r in lora],
+            marker="o",
+            color="tab:blue",
+            label=f"SAE spliced + LoRA (r{lora[0]['rank']})",
+        )
+        if e2e:
+            ax.plot(
+                [r["l0"] for r in e2e],
+                [r["ce_e2e"] for r in e2e],
+                marker="s",
+                color="tab:orange",
+                label="e2e SAE (fine-tuned on KL)",
+            )
+        ax.axhline(lora[0]["ce_clean"], color="black", linestyle="--", label="clean model")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel("held-out CE (nats)")
+        ax.set_title("Held-out CE vs sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, Path(out) / "sweep_pareto.png"))
+    return paths

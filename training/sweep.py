@@ -1,7 +1,8 @@
 """`lorasae sweep`: the paper's comparisons on one machine: rank, adapted layers, SAE sparsity, layer.
 
-Every run is an ordinary `lorasae train` (or `train-e2e`) run in ``<out>/<name>``, with the same
-data, schedule and learning rate; only the swept setting changes:
+Every run is an ordinary `lorasae train` (or `train-e2e`) run in ``<out>/<name>`` (e.g.
+``lora-canonical-3f2a1b-r16``: the SAE's slug, see ``sae_slug``), with the same data, schedule and
+learning rate; only the swept setting changes:
 
 - ``rank``: LoRA rank over ``--ranks`` (default 1, 4, 16, 64) around the base SAE;
 - ``layers``: LoRA on all layers vs only the layers after the SAE (the paper's main setting);
@@ -17,30 +18,46 @@ stopped. Results: ``sweep.json`` (one row per run), ``sweep_rank.png`` (gap clos
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lorasae.errors import LorasaeError
-from lorasae.models import DEFAULT_MODEL
-from lorasae.training.loop import LoopConfig, is_finished, reuse_or_train, write_json_atomic
+from lorasae.files import write_json_atomic
+from lorasae.models import DEFAULT_MODEL, load_model
+from lorasae.saes import SAE_CONFIG_FILE
+from lorasae.training.loop import LoopConfig, is_finished, reuse_or_train
+from lorasae.training.plots import plot_sweep
+from lorasae.training.presets import CPU_RANK, cpu_loop
 from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
 from lorasae.training.train_lora import LoraTrainConfig, train_lora
+from lorasae.training.train_sae import SaeTrainingConfig, ensure_default_sae
 
 SWEEP_FILE = "sweep.json"
 
 
 @dataclass
 class SweepConfig:
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(
-        lr=1e-3, max_steps=50, tokens=50 * 8 * 128, eval_every=10**9, eval_tokens=8192))
-    sae: str | None = None  # the base SAE (default model: the default SAE)
-    sparsity_saes: list[str] = field(default_factory=list)
-    layer_saes: list[str] = field(default_factory=list)
-    ranks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    rank: int = 16  # the rank of the layers / sparsity / layer sweeps
-    e2e_lr: float = 5e-4
-    e2e: bool = True
+    """The data/schedule every run shares (``loop``: a budget in steps, no evaluation while
+    training; each run's SAE comes from the fields below) and what the sweeps vary."""
+
+    loop: LoopConfig = field(
+        default_factory=lambda: cpu_loop(50, eval_every=10**9, eval_tokens=8192),
+        metadata={"flags": {"max_steps": "--steps", "saes": None, "tokens": None, "eval_every": None}})
+    sae: str | None = field(default=None, metadata={
+        "help": "base SAE (default model: the embedded default SAE)"})
+    sparsity_saes: list[str] = field(default_factory=list, metadata={
+        "flag": "--sparsity-sae",
+        "help": "SAEs of other L0 at the same layer (repeat; default model: TopK k16, k64)"})
+    layer_saes: list[str] = field(default_factory=list, metadata={
+        "flag": "--layer-sae", "help": "SAEs at other layers (repeat; default model: layer 8)"})
+    ranks: list[int] = field(default_factory=lambda: [1, 4, 16, 64], metadata={
+        "sep": ",", "help": "ranks of the rank sweep"})
+    rank: int = field(default=CPU_RANK, metadata={"help": "rank of the layers/sparsity/layer sweeps"})
+    e2e_lr: float = field(default=5e-4, metadata={"help": "e2e SAE learning rate"})
+    e2e: bool = field(default=True, metadata={"help": "skip the e2e SAEs of the Pareto plot"})
 
 
 @dataclass
@@ -58,9 +75,6 @@ def default_saes(cfg: SweepConfig, only: set[str] | None = None, train: bool = T
         if cfg.sae is None:
             raise LorasaeError("--sae is required with a non-default --model")
         return cfg
-    from lorasae.models import load_model
-    from lorasae.training.train_sae import SaeTrainingConfig, default_sae_dir, ensure_default_sae
-
     def wanted(sweep: str, given) -> bool:
         return not given and (only is None or sweep in only)
 
@@ -71,46 +85,53 @@ def default_saes(cfg: SweepConfig, only: set[str] | None = None, train: bool = T
         needed["sparsity_saes"] = [SaeTrainingConfig(k=16), SaeTrainingConfig(k=64)]
     if wanted("layer", cfg.layer_saes):
         needed["layer_saes"] = [SaeTrainingConfig(layer=8)]
-    missing = [c for cs in needed.values() for c in cs if not (default_sae_dir(c) / "cfg.json").exists()]
+    missing = [c for cs in needed.values() for c in cs if not (c.default_dir() / SAE_CONFIG_FILE).exists()]
     if missing and train:
         lm = load_model()
         for c in missing:
             ensure_default_sae(lm, c)
-    paths = {k: [str(default_sae_dir(c)) for c in cs] for k, cs in needed.items()}
+    paths = {k: [str(c.default_dir()) for c in cs] for k, cs in needed.items()}
     return replace(cfg, sae=paths["sae"][0] if "sae" in paths else cfg.sae,
                    sparsity_saes=paths.get("sparsity_saes", cfg.sparsity_saes),
                    layer_saes=paths.get("layer_saes", cfg.layer_saes))
 
 
 def plan(cfg: SweepConfig) -> list[Run]:
-    """The runs, most informative first; a run shared by several sweeps appears once."""
-    base = asdict(cfg.loop)
-    runs: dict[str, Run] = {}
+    """The runs, most informative first. A run is what it trains (SAE spec, rank, adapted layers):
+    one shared by several sweeps appears once."""
+    if cfg.sae is None:
+        raise LorasaeError("the sweep needs a base SAE (--sae)")
+    base_sae, base = cfg.sae, asdict(cfg.loop)
+    runs: dict[tuple, Run] = {}
 
-    def lora(name: str, sweep: str, sae: str, rank: int, layers: str = "after") -> None:
-        if name in runs:
-            runs[name].sweeps.append(sweep)
+    def lora(sweep: str, sae: str, rank: int, layers: str = "after") -> None:
+        key = ("lora", sae, rank, layers)
+        if key in runs:
+            runs[key].sweeps.append(sweep)
             return
-        runs[name] = Run(name, [sweep], "lora",
-                         LoraTrainConfig(**{**base, "saes": [sae]}, rank=rank, layers=layers))
+        name = f"lora-{sae_slug(sae)}-r{rank}" + ("" if layers == "after" else f"-{layers}")
+        runs[key] = Run(name, [sweep], "lora",
+                        LoraTrainConfig(**{**base, "saes": [sae]}, rank=rank, layers=layers))
 
     for rank in cfg.ranks:
-        lora(f"lora-{_short(cfg.sae)}-r{rank}", "rank", cfg.sae, rank)
-    lora(f"lora-{_short(cfg.sae)}-r{cfg.rank}", "layers", cfg.sae, cfg.rank)
-    lora(f"lora-{_short(cfg.sae)}-r{cfg.rank}-all", "layers", cfg.sae, cfg.rank, "all")
-    for sae in [cfg.sae, *cfg.layer_saes]:
-        lora(f"lora-{_short(sae)}-r{cfg.rank}", "layer", sae, cfg.rank)
-    for sae in [cfg.sae, *cfg.sparsity_saes]:
-        lora(f"lora-{_short(sae)}-r{cfg.rank}", "sparsity", sae, cfg.rank)
-    for sae in [cfg.sae, *cfg.sparsity_saes] if cfg.e2e else []:  # the costliest runs last
-        name = f"e2e-{_short(sae)}"
-        runs[name] = Run(name, ["sparsity"], "e2e",
-                         E2eTrainConfig(**{**base, "saes": [sae], "lr": cfg.e2e_lr}))
+        lora("rank", base_sae, rank)
+    lora("layers", base_sae, cfg.rank)
+    lora("layers", base_sae, cfg.rank, "all")
+    for sae in [base_sae, *cfg.layer_saes]:
+        lora("layer", sae, cfg.rank)
+    for sae in [base_sae, *cfg.sparsity_saes]:
+        lora("sparsity", sae, cfg.rank)
+    for sae in [base_sae, *cfg.sparsity_saes] if cfg.e2e else []:  # the costliest runs last
+        runs[("e2e", sae)] = Run(f"e2e-{sae_slug(sae)}", ["sparsity"], "e2e",
+                                 E2eTrainConfig(**{**base, "saes": [sae], "lr": cfg.e2e_lr}))
     return list(runs.values())
 
 
-def _short(spec: str) -> str:
-    return Path(spec).name.replace("/", "_") or spec
+def sae_slug(spec: str) -> str:
+    """A folder name for an SAE spec: its last path part (readable) plus a short hash of the whole
+    spec, since many specs share a last part (every Gemma Scope canonical id ends in ``canonical``)."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name)[:40].strip("._") or "sae"
+    return f"{tail}-{hashlib.sha1(spec.encode()).hexdigest()[:6]}"
 
 
 def row(run: Run, metrics: dict) -> dict:
@@ -133,52 +154,6 @@ def row(run: Run, metrics: dict) -> dict:
     return out
 
 
-def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    rank_rows = sorted((r for r in rows if "rank" in r["sweeps"]), key=lambda r: r["rank"])
-    if rank_rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["rank"] for r in rank_rows], [r["gap_closed"] for r in rank_rows], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank")
-        ax.set_ylabel("CE gap closed")
-        ax.set_title(f"Gap closed vs rank ({rank_rows[0]['steps']} steps, layer {rank_rows[0]['layer']})")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / "sweep_rank.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    lora = sorted((r for r in rows if "sparsity" in r["sweeps"] and r["kind"] == "lora"),
-                  key=lambda r: r["l0"])
-    e2e = sorted((r for r in rows if r["kind"] == "e2e"), key=lambda r: r["l0"])
-    if lora:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        ax.plot([r["l0"] for r in lora], [r["ce_spliced"] for r in lora], marker="o",
-                color="tab:red", label="SAE spliced")
-        ax.plot([r["l0"] for r in lora], [r["ce_adapted_spliced"] for r in lora], marker="o",
-                color="tab:blue", label=f"SAE spliced + LoRA (r{lora[0]['rank']})")
-        if e2e:
-            ax.plot([r["l0"] for r in e2e], [r["ce_e2e"] for r in e2e], marker="s",
-                    color="tab:orange", label="e2e SAE (fine-tuned on KL)")
-        ax.axhline(lora[0]["ce_clean"], color="black", linestyle="--", label="clean model")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("L0 (active latents per token)")
-        ax.set_ylabel("held-out CE (nats)")
-        ax.set_title("Held-out CE vs sparsity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "sweep_pareto.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
-
-
 def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None,
               report: bool = False) -> dict:
     """Run (or reuse) the planned runs; with ``report`` train nothing: tabulate and plot the
@@ -189,7 +164,7 @@ def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None,
     runs = [r for r in plan(cfg) if only is None or set(r.sweeps) & only]
     if report:
         runs = [r for r in runs if is_finished(out / r.name)]
-    rows = []
+    rows: list[dict] = []
     result = {"config": asdict(cfg), "rows": rows}
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name} ({', '.join(run.sweeps)})", file=sys.stderr, flush=True)

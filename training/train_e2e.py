@@ -18,17 +18,15 @@ it like any SAE. Runs in one process (the SAE is called from a hook, which DDP c
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from lorasae.errors import LorasaeError
-from lorasae.metrics import evaluate, kl_per_token, spliced_ce
+from lorasae.files import publish_dir, write_json_atomic
+from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
 from lorasae.saes import LoadedSAE
 from lorasae.splice import replace_outputs, residual_at
 from lorasae.training.loop import LoopConfig, Objective, run_loop
@@ -41,9 +39,15 @@ DEFAULT_COEFFS = {"topk": None, "jumprelu": 0.01, "standard": 1e-3}
 class E2eTrainConfig(LoopConfig):
     """Every setting of an e2e SAE run; saved in metrics.json and beside the SAE."""
 
-    lr: float = 5e-4
-    init: str = "finetune"  # "finetune": from the given SAE; "scratch": fresh weights, same shape
-    sparsity_coeff: float | None = None  # None: the architecture's default (DEFAULT_COEFFS)
+    saes: list[str] = field(default_factory=list, metadata={
+        "flag": "--sae", "help": "the SAE whose architecture, width and sparsity to match (and the "
+                                 "start with --init finetune; default: the embedded default SAE)"})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate of the SAE (AdamW, constant)"})
+    init: Literal["finetune", "scratch"] = field(default="finetune", metadata={
+        "help": "start from the given SAE's weights or from a fresh initialisation"})
+    sparsity_coeff: float | None = field(default=None, metadata={  # None: DEFAULT_COEFFS
+        "help": "L0 (JumpReLU) / L1 (standard) penalty; TopK needs none "
+                "(default: 0.01 JumpReLU around the given L0, 1e-3 L1)"})
 
     def validate(self) -> None:
         super().validate()
@@ -135,7 +139,7 @@ class E2eObjective(Objective):
     def loss(self, prepared, ids):
         model = self.lm.model
         with torch.no_grad():
-            clean = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            clean = next_token_logprobs(model, ids)
         penalty: list[torch.Tensor] = []
         first = 1 if self.cfg.keep_first else 0
 
@@ -148,7 +152,7 @@ class E2eObjective(Objective):
             return recon
 
         with replace_outputs(model, {self.given.layer: reconstruct}, self.cfg.keep_first):
-            student = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            student = next_token_logprobs(model, ids)
         return kl_per_token(clean, student).mean() + penalty[0]
 
     def heldout_ce(self, sequences):
@@ -167,18 +171,13 @@ class E2eObjective(Objective):
 
     def finish(self, out: Path, metrics: dict) -> None:
         """The SAE in sae-lens format, its record, and ``cfg.json`` last (completion marker)."""
-        tmp = out / ".sae.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.sae.save_inference_model(tmp)
         record = {"config": asdict(self.cfg), "given_sae": self.given.sae_id,
                   "architecture": self.sae.cfg.architecture(), "sparsity_coeff": self.coeff,
                   "target_l0": self.target_l0, "train": metrics["train"],
                   "loss": "kl_clean_vs_spliced_token_mean + sparsity"}
-        (tmp / E2E_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in [n for n in names if n != "cfg.json"] + ["cfg.json"]:
-            os.replace(tmp / name, out / name)
-        tmp.rmdir()
+        with publish_dir(out, marker="cfg.json") as tmp:
+            self.sae.save_inference_model(tmp)
+            write_json_atomic(tmp / E2E_RECORD_FILE, record)
 
 
 def train_e2e(cfg: E2eTrainConfig, out: Path, resume: bool = False) -> dict:

@@ -13,18 +13,17 @@ runs it under DDP.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from lorasae.errors import LorasaeError
-from lorasae.manifest import AdapterManifest, SaeEntry
-from lorasae.metrics import evaluate, kl_per_token, spliced_ce
+from lorasae.files import publish_dir
+from lorasae.manifest import MANIFEST_FILE, AdapterManifest, SaeEntry
+from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
 from lorasae.models import decoder_layers, model_fingerprint
 from lorasae.saes import LoadedSAE
 from lorasae.splice import Splice
@@ -37,11 +36,13 @@ PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class LoraTrainConfig(LoopConfig):
     """Every setting of a LoRA-SAE run; saved in metrics.json and the manifest. Defaults: the paper's."""
 
-    rank: int = 64
-    alpha: float = 32.0
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
-    layers: str = "after"  # "after": only layers after the first SAE; "all"
+    rank: int = field(default=64, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale alpha / rank)"})
+    dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES), metadata={
+        "sep": ",", "help": "comma list of the module names that get LoRA"})
+    layers: Literal["after", "all"] = field(default="after", metadata={
+        "help": "adapt only the layers after the first SAE (the paper's main runs) or all"})
 
     def validate(self) -> None:
         super().validate()
@@ -78,9 +79,9 @@ def wrap_with_lora(model: torch.nn.Module, cfg: LoraTrainConfig, saes: list[Load
 def kl_loss(model, peft_model, saes: list[LoadedSAE], ids: torch.Tensor, keep_first: bool) -> torch.Tensor:
     """Mean per-token KL(clean || adapted+spliced); ``model`` may be the DDP-wrapped ``peft_model``."""
     with torch.no_grad(), peft_model.disable_adapter():
-        clean = F.log_softmax(peft_model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        clean = next_token_logprobs(peft_model, ids)
     with Splice(peft_model, saes, keep_first):
-        student = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        student = next_token_logprobs(model, ids)
     return kl_per_token(clean, student).mean()
 
 
@@ -131,23 +132,19 @@ def train_lora(cfg: LoraTrainConfig, out: Path, resume: bool = False) -> dict:
 def _finish(out: Path, peft_model, lm, saes: list[LoadedSAE], base_fingerprint: str,
             cfg: LoraTrainConfig, metrics: dict) -> None:
     """Write the peft files, then the manifest last (its presence marks completion)."""
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    tmp.rmdir()
     lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
             "target_modules": cfg.target_modules, "layers": cfg.layers,
             "layers_to_transform": lora_layers(cfg, saes, len(decoder_layers(lm.model)))}
-    AdapterManifest(
+    manifest = AdapterManifest(
         base_model=lm.model_id, base_model_fingerprint=base_fingerprint,
         saes=[SaeEntry.of(s) for s in saes], lora=lora,
         training={**metrics["train"], "lr": cfg.lr, "batch_size": cfg.batch_size, "ctx": cfg.ctx,
                   "seed": cfg.seed, "corpus": cfg.corpus, "loss": "kl_clean_vs_adapted_spliced_token_mean"},
         eval_before=_headline(metrics["start"]), eval_after=_headline(metrics["final"]),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    ).save(out)
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    with publish_dir(out, marker=MANIFEST_FILE) as tmp:
+        peft_model.save_pretrained(tmp)
+        manifest.save(tmp)
 
 
 def _headline(result: dict) -> dict:

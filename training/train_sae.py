@@ -11,21 +11,21 @@ the eval and the server train it once.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lorasae.data import DEFAULT_CORPUS, packed_sequences
+from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
-from lorasae.models import LoadedModel, decoder_layers, hidden_size
-from lorasae.paths import data_dir
+from lorasae.files import publish_dir, write_json_atomic
+from lorasae.models import LoadedModel, decoder_layers, hidden_size, load_model
+from lorasae.saes import DEFAULT_SAE_EXPANSION, DEFAULT_SAE_K, SAE_CONFIG_FILE, default_sae_dir
 from lorasae.splice import residual_at
+from lorasae.training.fields import corpus_field, ctx_field
 
 SAE_TRAINING_FILE = "lorasae_sae_training.json"
 
@@ -34,23 +34,29 @@ SAE_TRAINING_FILE = "lorasae_sae_training.json"
 class SaeTrainingConfig:
     """Every setting of one SAE training run; saved beside the SAE."""
 
-    layer: int | None = None  # None: the middle layer
-    expansion: int = 8  # d_sae = expansion * d_model
-    k: int = 32  # TopK: active latents per token
-    tokens: int = 400_000  # activations collected (BOS positions excluded)
-    ctx: int = 128
-    epochs: int = 2
-    batch_size: int = 4096
-    lr: float = 4e-3
-    dead_feature_window: int = 40  # steps without firing before the aux loss revives a latent
-    seed: int = 0
-    corpus: str = DEFAULT_CORPUS
+    layer: int | None = field(default=None, metadata={"help": "decoder layer (default: middle)"})
+    expansion: int = field(default=DEFAULT_SAE_EXPANSION, metadata={"help": "d_sae / d_model"})
+    k: int = field(default=DEFAULT_SAE_K, metadata={"help": "active latents per token (TopK)"})
+    tokens: int = field(default=400_000, metadata={
+        "help": "training activations collected (BOS positions excluded)"})
+    ctx: int = ctx_field()
+    epochs: int = field(default=2, metadata={"help": "passes over the collected activations"})
+    batch_size: int = field(default=4096, metadata={"help": "activations per SAE optimizer step"})
+    lr: float = field(default=4e-3, metadata={"help": "peak learning rate (cosine to a tenth)"})
+    dead_feature_window: int = field(default=40, metadata={
+        "help": "steps without firing before the auxiliary loss revives a latent"})
+    seed: int = field(default=0, metadata={"help": "seed of the SAE's initialisation and data order"})
+    corpus: str = corpus_field()
 
     def resolved_layer(self, n_layers: int) -> int:
         layer = n_layers // 2 if self.layer is None else self.layer
         if not 0 <= layer < n_layers:
             raise LorasaeError(f"layer {layer} is out of range: the model has {n_layers} layers")
         return layer
+
+    def default_dir(self) -> Path:
+        """Where the embedded default model's SAE trained with this recipe is cached."""
+        return default_sae_dir(self.layer, self.k, self.expansion)
 
 
 def collect_activations(lm: LoadedModel, layer: int, sequences: torch.Tensor,
@@ -115,29 +121,21 @@ def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
     generator = torch.Generator().manual_seed(cfg.seed)
     trainer = SAETrainer(trainer_cfg, sae, _epochs(acts, cfg.batch_size, generator))
     trainer.fit()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_inference_model(tmp)
     record = {"config": asdict(cfg), "layer": layer, "hook_name": hook_name,
               "model": lm.model_id, "activations": int(acts.shape[0]),
               "seconds_collecting": round(collected - started, 1),
               "seconds_training": round(time.time() - collected, 1)}
-    (tmp / SAE_TRAINING_FILE).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with publish_dir(out, overwrite=True) as tmp:
+        sae.save_inference_model(tmp)
+        write_json_atomic(tmp / SAE_TRAINING_FILE, record)
     return out
 
 
-def default_sae_dir(cfg: SaeTrainingConfig | None = None) -> Path:
+def ensure_default_sae(lm: LoadedModel | None = None, cfg: SaeTrainingConfig | None = None) -> Path:
+    """The embedded default model's SAE (``cfg``: its recipe, default the default SAE's), trained
+    first and cached if it is not yet; ``lm`` is that model, loaded here only when needed."""
     cfg = cfg or SaeTrainingConfig()
-    layer = "mid" if cfg.layer is None else f"L{cfg.layer}"
-    return data_dir() / "saes" / f"smollm2-135m-{layer}-topk{cfg.k}-x{cfg.expansion}"
-
-
-def ensure_default_sae(lm: LoadedModel, cfg: SaeTrainingConfig | None = None) -> Path:
-    """The default SAE's folder, training it first if it is not cached yet."""
-    cfg = cfg or SaeTrainingConfig()
-    out = default_sae_dir(cfg)
-    if not (out / "cfg.json").exists():
-        train_sae(lm, cfg, out)
+    out = cfg.default_dir()
+    if not (out / SAE_CONFIG_FILE).exists():
+        train_sae(lm or load_model(), cfg, out)
     return out

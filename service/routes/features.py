@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -30,47 +31,60 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
         slot = engine.adapters[req.adapter]
         default_layers, generation = slot.layers, slot.generation
     layers = engine.select_layers(req.saes, default_layers)
+    sequences = await input_sequences(req, engine, settings)
+    check_response_size(req, sum(len(ids) for ids in sequences), len(layers), engine.vocab_size, settings)
+    rows = [Row(ids=list(ids), adapter=req.adapter, layers=layers, top_k=req.top_k,
+                logits=req.logits, logits_top_k=req.logits_top_k, generation=generation)
+            for ids in sequences]
+    outputs = await svc.batcher.submit(rows)
+    # built off the event loop, so /healthz and other requests keep being answered meanwhile
+    body = await run_in_threadpool(render_body, engine, req, layers, outputs)
+    return Response(body, media_type="application/json")
+
+
+async def input_sequences(req: FeaturesRequest, engine: Engine, settings: Settings) -> list[list[int]]:
+    """The request's inputs as token sequences, each checked against the limits and the
+    vocabulary: 413 past ``max_inputs`` / ``max_tokens``, 422 for text that is not valid Unicode
+    or an id outside the vocabulary. Texts are tokenised off the event loop."""
     inputs = req.input_list()
     if len(inputs) > settings.max_inputs:
         raise ServiceError(413, "too_many_inputs",
                            f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}")
     if isinstance(inputs[0], str):
-        longest = max(len(text) for text in inputs)
-        if longest > settings.max_tokens * 64:  # clearly over the token limit: do not even tokenise
-            raise ServiceError(413, "too_many_tokens", f"a text of {longest} characters is over the "
-                               f"limit of {settings.max_tokens} tokens")
-        for i, text in enumerate(inputs):
-            try:  # JSON escapes (and raw bytes) can carry lone surrogates, which no tokenizer takes
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ServiceError(422, "validation_error", f"inputs.{i}: not valid Unicode text "
-                                   f"({exc.reason} at character {exc.start})") from exc
-        sequences = await run_in_threadpool(lambda: [engine.tokenize(text) for text in inputs])
+        texts = cast("list[str]", inputs)  # all texts or all id lists (the schema)
+        check_texts(texts, settings)
+        sequences = await run_in_threadpool(lambda: [engine.tokenize(text) for text in texts])
     else:
-        sequences = inputs
-    total = 0
+        sequences = cast("list[list[int]]", inputs)
+    check_token_ids(sequences, engine.vocab_size, settings)
+    return sequences
+
+
+def check_texts(texts: list[str], settings: Settings) -> None:
+    """Refuse texts no tokenizer should see: far over the token limit (413, judged by length
+    before tokenising) or carrying lone surrogates (422)."""
+    longest = max(len(text) for text in texts)
+    if longest > settings.max_tokens * 64:  # clearly over the token limit: do not even tokenise
+        raise ServiceError(413, "too_many_tokens", f"a text of {longest} characters is over the "
+                           f"limit of {settings.max_tokens} tokens")
+    for i, text in enumerate(texts):
+        try:  # JSON escapes (and raw bytes) can carry lone surrogates, which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ServiceError(422, "validation_error", f"inputs.{i}: not valid Unicode text "
+                               f"({exc.reason} at character {exc.start})") from exc
+
+
+def check_token_ids(sequences: list[list[int]], vocab_size: int, settings: Settings) -> None:
+    """Each sequence at most ``max_tokens`` long (413) and every id in ``[0, vocab_size)`` (422)."""
     for i, ids in enumerate(sequences):
         if len(ids) > settings.max_tokens:
             raise ServiceError(413, "too_many_tokens",
                                f"input {i} has {len(ids)} tokens; the limit is {settings.max_tokens}")
-        bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise ServiceError(422, "invalid_token_id",
-                               f"input {i}: token id {bad} is outside the vocabulary [0, {engine.vocab_size})")
-        total += len(ids)
-    check_response_size(req, total, len(layers), engine.vocab_size, settings)
-    rows = [Row(ids=list(ids), adapter=req.adapter, layers=layers, top_k=req.top_k,
-                logits=req.logits, logits_top_k=req.logits_top_k, generation=generation)
-            for ids in sequences]
-    outputs = await svc.batcher.submit(rows)
-
-    def render() -> str:
-        body = {"model": engine.model_id, "adapter": req.adapter, "saes": engine.sae_info(layers),
-                "results": [{"tokens": render_tokens(engine, out)} for out in outputs]}
-        return json.dumps(body, separators=(",", ":"))
-
-    # built off the event loop, so /healthz and other requests keep being answered meanwhile
-    return Response(await run_in_threadpool(render), media_type="application/json")
+                               f"input {i}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int,
@@ -88,6 +102,14 @@ def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int
                            f"{tokens} tokens x {per_token} entries (top_k x {saes} SAEs + logits) is "
                            f"over the limit of {settings.max_response_entries} entries per request; "
                            "send fewer tokens or a smaller top_k / logits_top_k")
+
+
+def render_body(engine: Engine, req: FeaturesRequest, layers: tuple[int, ...],
+                outputs: list[RowOutput]) -> str:
+    """The JSON answer (see ``lorasae_client.schemas.FeaturesResponse``)."""
+    body = {"model": engine.model_id, "adapter": req.adapter, "saes": engine.sae_info(layers),
+            "results": [{"tokens": render_tokens(engine, out)} for out in outputs]}
+    return json.dumps(body, separators=(",", ":"))
 
 
 def render_tokens(engine: Engine, out: RowOutput) -> list[dict]:
