@@ -102,6 +102,7 @@ def make_random_adapter(engine, out: Path, seed: int, rank: int = 16) -> Path:
 def make_inputs(engine, n: int, tokens: int, seed: int = 0) -> list[list[int]]:
     """``n`` sequences of ``tokens`` ids: held-out corpus text for the default model, else random ids."""
     import torch
+
     from lorasae.models import DEFAULT_MODEL_NAME
 
     body = tokens - 1

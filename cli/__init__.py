@@ -22,8 +22,7 @@ from lorasae.training.train_sae import ensure_default_sae
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lorasae` parser: every package's subcommands (abbreviated flags refused)."""
-    parser = argparse.ArgumentParser(prog="lorasae", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="lorasae", description=__doc__.splitlines()[0], allow_abbrev=False)
     subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
     training_commands.register(subparsers)
     service_commands.register(subparsers, make_default_sae=ensure_default_sae)
@@ -41,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI promises one line, not a traceback
+    except Exception as exc:
         if os.environ.get("LORASAE_DEBUG"):
             raise
-        print(f"error: {type(exc).__name__}: {exc} (LORASAE_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {exc} (LORASAE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -57,8 +57,7 @@ def _default(config: Any, name: str, field: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _fields(config: Any, prefix: str = "", flags: Mapping[str, str | None] | None = None
-            ) -> Iterator[_Field]:
+def _fields(config: Any, prefix: str = "", flags: Mapping[str, str | None] | None = None) -> Iterator[_Field]:
     """The command-line fields of ``config`` (a config class or instance), nested ones flattened."""
     cls: Any = config if isinstance(config, type) else type(config)
     flags = flags or {}
@@ -75,20 +74,21 @@ def _fields(config: Any, prefix: str = "", flags: Mapping[str, str | None] | Non
                 nested = hints[f.name] if default is dataclasses.MISSING else default
                 yield from _fields(nested, f"{prefix}{f.name}.", meta.get("flags"))
                 continue
-            yield _Field(prefix + f.name, flag, hints[f.name], default, meta.get("help", ""),
-                         meta.get("sep"))
+            yield _Field(prefix + f.name, flag, hints[f.name], default, meta.get("help", ""), meta.get("sep"))
         return
     for name, info in cls.model_fields.items():  # a pydantic model
         meta = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if info.is_required():
             default = dataclasses.MISSING
         else:
-            default = getattr(config, name) if config is not cls else info.get_default(
-                call_default_factory=True)
+            default = (
+                getattr(config, name) if config is not cls else info.get_default(call_default_factory=True)
+            )
         flag = flags.get(name, meta.get("flag", _flag_name(name, default)))
         if flag is not None:
-            yield _Field(prefix + name, str(flag), info.annotation, default,
-                         info.description or "", meta.get("sep"))
+            yield _Field(
+                prefix + name, str(flag), info.annotation, default, info.description or "", meta.get("sep")
+            )
 
 
 def _without_none(annotation: Any) -> Any:
@@ -133,11 +133,19 @@ def _argparse_options(field: _Field) -> dict[str, Any]:
     """``add_argument`` keywords for ``field``."""
     help_text = field.help
     default = field.default
-    if (default is not dataclasses.MISSING and default is not None and not isinstance(default, bool)
-            and default != [] and "default" not in help_text):
+    if (
+        default is not dataclasses.MISSING
+        and default is not None
+        and not isinstance(default, bool)
+        and default != []
+        and "default" not in help_text
+    ):
         help_text = f"{help_text} (default: {_shown(default, field.sep)})".lstrip()
-    options: dict[str, Any] = {"dest": field.path, "default": argparse.SUPPRESS,
-                               "help": help_text.replace("%", "%%")}
+    options: dict[str, Any] = {
+        "dest": field.path,
+        "default": argparse.SUPPRESS,
+        "help": help_text.replace("%", "%%"),
+    }
     if default is dataclasses.MISSING:
         options["required"] = True
     annotation = _without_none(field.annotation)
@@ -167,8 +175,9 @@ def add_fields(parser: argparse.ArgumentParser, config: Any) -> None:
         parser.add_argument(field.flag, **_argparse_options(field))
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, handler: Handler, *configs: Any,
-                help: str) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, handler: Handler, *configs: Any, help: str
+) -> argparse.ArgumentParser:
     """A subcommand whose flags are the fields of ``configs``; ``parse_command`` returns ``handler``."""
     parser = subparsers.add_parser(name, help=help, description=help, allow_abbrev=False)
     for config in configs:
@@ -177,8 +186,9 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, handler: Hand
     return parser
 
 
-def parse_command(parser: argparse.ArgumentParser, argv: list[str] | None = None
-                  ) -> tuple[Handler, argparse.Namespace]:
+def parse_command(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[Handler, argparse.Namespace]:
     """Parse ``argv`` with a parser of ``add_command`` subcommands: the chosen command's handler,
     and a namespace holding only the fields given on the command line."""
     namespace = parser.parse_args(argv)
@@ -211,7 +221,7 @@ def updated(config: Any, values: Mapping[str, Any]) -> Any:
     hints = get_type_hints(cls)
     changes: dict[str, Any] = {}
     for name, f in known.items():
-        inner = {path[len(name) + 1:]: v for path, v in values.items() if path.startswith(name + ".")}
+        inner = {path[len(name) + 1 :]: v for path, v in values.items() if path.startswith(name + ".")}
         if inner:
             current = _default(config, name, f)
             changes[name] = updated(hints[name] if current is dataclasses.MISSING else current, inner)
@@ -221,8 +231,7 @@ def updated(config: Any, values: Mapping[str, Any]) -> Any:
 
 
 @overload
-def build(config: type[T], namespace: argparse.Namespace,
-          preset: Mapping[str, Any] | None = None) -> T: ...
+def build(config: type[T], namespace: argparse.Namespace, preset: Mapping[str, Any] | None = None) -> T: ...
 @overload
 def build(config: T, namespace: argparse.Namespace, preset: Mapping[str, Any] | None = None) -> T: ...
 def build(config: Any, namespace: argparse.Namespace, preset: Mapping[str, Any] | None = None) -> Any:

@@ -119,8 +119,9 @@ def tokenizer_key(tokenizer) -> str:
     return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:12]
 
 
-def token_stream(tokenizer, split: str, max_tokens: int | None = None,
-                 corpus: str | None = None) -> torch.Tensor:
+def token_stream(
+    tokenizer, split: str, max_tokens: int | None = None, corpus: str | None = None
+) -> torch.Tensor:
     """The 1-D token stream of a split (documents joined by EOS), at least ``max_tokens`` long if possible.
 
     The default corpus is tokenised once per tokenizer and cached under the data directory.
@@ -156,8 +157,9 @@ def token_stream(tokenizer, split: str, max_tokens: int | None = None,
     return stream if max_tokens is None else stream[:max_tokens]
 
 
-def packed_sequences(tokenizer, split: str, n_tokens: int, ctx: int,
-                     corpus: str | None = None) -> torch.Tensor:
+def packed_sequences(
+    tokenizer, split: str, n_tokens: int, ctx: int, corpus: str | None = None
+) -> torch.Tensor:
     """``[N, ctx]`` int64 sequences, each ``[BOS] + ctx-1`` stream tokens, covering ~``n_tokens`` tokens."""
     if ctx < 2:
         raise LorasaeError("context length must be at least 2")

@@ -36,8 +36,14 @@ class McItem:
     label: int
 
 
-def continuation_items(tokenizer, n_items: int = 300, context_tokens: int = 48,
-                       choice_tokens: int = 12, corpus: str | None = None, seed: int = 0) -> list[McItem]:
+def continuation_items(
+    tokenizer,
+    n_items: int = 300,
+    context_tokens: int = 48,
+    choice_tokens: int = 12,
+    corpus: str | None = None,
+    seed: int = 0,
+) -> list[McItem]:
     """``n_items`` items of the ``heldout-continuation-4way`` task (see the module docstring)."""
     if n_items < 4:
         raise LorasaeError("the continuation task needs at least 4 items (distractors come from the others)")
@@ -45,20 +51,22 @@ def continuation_items(tokenizer, n_items: int = 300, context_tokens: int = 48,
     stream = token_stream(tokenizer, "heldout", None, corpus)
     eos = tokenizer.eos_token_id
     starts = list(range(0, stream.numel() - span, span))
-    clean = [s for s in starts if eos is None or not bool((stream[s:s + span] == eos).any())]
+    clean = [s for s in starts if eos is None or not bool((stream[s : s + span] == eos).any())]
     if len(clean) < n_items:
-        raise LorasaeError(f"the held-out split has {len(clean)} EOS-free passages of {span} tokens, "
-                           f"fewer than the {n_items} items asked for")
+        raise LorasaeError(
+            f"the held-out split has {len(clean)} EOS-free passages of {span} tokens, "
+            f"fewer than the {n_items} items asked for"
+        )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(clean), generator=gen).tolist()
     picked = [clean[i] for i in order[:n_items]]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     items = []
     for i, start in enumerate(picked):
-        context = bos + stream[start:start + context_tokens].tolist()
-        true = stream[start + context_tokens:start + span].tolist()
+        context = bos + stream[start : start + context_tokens].tolist()
+        true = stream[start + context_tokens : start + span].tolist()
         others = [picked[(i + j) % n_items] for j in (1, 2, 3)]
-        distractors = [stream[o + context_tokens:o + span].tolist() for o in others]
+        distractors = [stream[o + context_tokens : o + span].tolist() for o in others]
         label = int(torch.randint(4, (1,), generator=gen))
         choices = distractors[:label] + [true] + distractors[label:]
         items.append(McItem(context, choices, label))
@@ -74,10 +82,14 @@ def jsonl_items(path: str | Path, tokenizer) -> list[McItem]:
             continue
         try:
             row = json.loads(line)
-            choices = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"]
-                       for c in row["choices"]]
-            item = McItem(bos + tokenizer(row["context"], add_special_tokens=False)["input_ids"],
-                          choices, int(row["label"]))
+            choices = [
+                tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in row["choices"]
+            ]
+            item = McItem(
+                bos + tokenizer(row["context"], add_special_tokens=False)["input_ids"],
+                choices,
+                int(row["label"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise LorasaeError(f"{path}:{n}: expected {{'context', 'choices', 'label'}}: {exc}") from exc
         if not 0 <= item.label < len(item.choices):
@@ -89,32 +101,38 @@ def jsonl_items(path: str | Path, tokenizer) -> list[McItem]:
 
 
 @torch.no_grad()
-def mc_accuracy(model: torch.nn.Module, items: list[McItem], batch_size: int = 16,
-                pad_id: int = 0) -> dict:
+def mc_accuracy(model: torch.nn.Module, items: list[McItem], batch_size: int = 16, pad_id: int = 0) -> dict:
     """Accuracy of picking the highest summed log-probability choice; also the mean log-prob margin."""
     device = next(model.parameters()).device
-    rows = [(i, c, item.context + choice, len(item.context), len(choice))
-            for i, item in enumerate(items) for c, choice in enumerate(item.choices)]
+    rows = [
+        (i, c, item.context + choice, len(item.context), len(choice))
+        for i, item in enumerate(items)
+        for c, choice in enumerate(item.choices)
+    ]
     scores = [[0.0] * len(item.choices) for item in items]
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="multiple choice", leave=False):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             width = max(len(r[2]) for r in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             for b, row in enumerate(chunk):  # right padding: causal attention never sees it
-                ids[b, :len(row[2])] = torch.tensor(row[2])
+                ids[b, : len(row[2])] = torch.tensor(row[2])
             logprobs = F.log_softmax(model(input_ids=ids.to(device)).logits.float(), -1)
-            for b, (i, c, seq, n_ctx, n_choice) in enumerate(chunk):
+            for b, (i, c, _seq, n_ctx, n_choice) in enumerate(chunk):
                 positions = torch.arange(n_ctx - 1, n_ctx - 1 + n_choice, device=device)
-                targets = ids[b, n_ctx:n_ctx + n_choice].to(device)
+                targets = ids[b, n_ctx : n_ctx + n_choice].to(device)
                 scores[i][c] = float(logprobs[b, positions, targets].sum())
     finally:
         model.train(was_training)
     correct = [max(range(len(s)), key=s.__getitem__) == item.label for s, item in zip(scores, items)]
-    margins = [s[item.label] - max(v for c, v in enumerate(s) if c != item.label)
-               for s, item in zip(scores, items)]
-    return {"accuracy": sum(correct) / len(items), "items": len(items),
-            "mean_margin": sum(margins) / len(items),
-            "chance": sum(1 / len(item.choices) for item in items) / len(items)}
+    margins = [
+        s[item.label] - max(v for c, v in enumerate(s) if c != item.label) for s, item in zip(scores, items)
+    ]
+    return {
+        "accuracy": sum(correct) / len(items),
+        "items": len(items),
+        "mean_margin": sum(margins) / len(items),
+        "chance": sum(1 / len(item.choices) for item in items) / len(items),
+    }

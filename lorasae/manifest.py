@@ -33,8 +33,13 @@ class SaeEntry:
 
     @classmethod
     def of(cls, loaded: LoadedSAE) -> SaeEntry:
-        return cls(id=loaded.sae_id, hook_name=loaded.hook_name, layer=loaded.layer,
-                   d_sae=loaded.d_sae, fingerprint=sae_fingerprint(loaded.sae))
+        return cls(
+            id=loaded.sae_id,
+            hook_name=loaded.hook_name,
+            layer=loaded.layer,
+            d_sae=loaded.d_sae,
+            fingerprint=sae_fingerprint(loaded.sae),
+        )
 
 
 @dataclass
@@ -77,14 +82,18 @@ class AdapterManifest:
         """
         problems = []
         if self.base_model_fingerprint != model_fingerprint:
-            problems.append(f"trained on base model {_short(self.base_model)} "
-                            f"(fingerprint {self.base_model_fingerprint}), loaded model has "
-                            f"fingerprint {model_fingerprint}")
+            problems.append(
+                f"trained on base model {_short(self.base_model)} "
+                f"(fingerprint {self.base_model_fingerprint}), loaded model has "
+                f"fingerprint {model_fingerprint}"
+            )
         loaded = {(s.layer, sae_fingerprint(s.sae)) for s in saes}
         for entry in self.saes:
             if (entry.layer, entry.fingerprint) not in loaded:
-                problems.append(f"trained with SAE {_short(entry.id)} at layer {entry.layer} "
-                                f"(fingerprint {entry.fingerprint}), which is not loaded")
+                problems.append(
+                    f"trained with SAE {_short(entry.id)} at layer {entry.layer} "
+                    f"(fingerprint {entry.fingerprint}), which is not loaded"
+                )
         return problems
 
     def check(self, model_fingerprint: str, saes: list[LoadedSAE]) -> None:

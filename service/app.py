@@ -77,9 +77,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 loader.cancel()
             await service.stop()
 
-    app = FastAPI(title="lorasae feature server", version=lorasae_client.__version__,
-                  description="Per-token SAE features of a language model, with hot-swapped "
-                              "LoRA-SAE adapters.", lifespan=lifespan)
+    app = FastAPI(
+        title="lorasae feature server",
+        version=lorasae_client.__version__,
+        description="Per-token SAE features of a language model, with hot-swapped LoRA-SAE adapters.",
+        lifespan=lifespan,
+    )
     app.state.service = service
     app.include_router(features.router)
     app.include_router(adapters.router)

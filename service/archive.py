@@ -28,24 +28,32 @@ _REPLY_BYTES = 4096  # only the tail of the child's stdout is parsed
 _STDERR_LOG_BYTES = 2000
 
 
-def unpack_adapter(archive: Path, dest: Path, *, max_bytes: int, timeout_s: float = 10.0,
-                   memory_mb: int = 512) -> Path:
+def unpack_adapter(
+    archive: Path, dest: Path, *, max_bytes: int, timeout_s: float = 10.0, memory_mb: int = 512
+) -> Path:
     """Unpack the uploaded archive file ``archive`` into the new folder ``dest`` (created here; it
     must not exist) in a child process; return ``dest``, which then holds the adapter files flat
     (``dest/lorasae.json``, ...). Raise ServiceError 400/413 on any refusal; nothing outside
     ``dest`` is ever written. On failure ``dest`` is left in place, emptied."""
     dest = Path(dest)
     dest.mkdir()
-    args = {"archive": os.path.abspath(archive), "dest": os.path.abspath(dest), "max_bytes": max_bytes,
-            "memory_mb": memory_mb, "cpu_s": math.ceil(timeout_s) + 1}
+    args = {
+        "archive": os.path.abspath(archive),
+        "dest": os.path.abspath(dest),
+        "max_bytes": max_bytes,
+        "memory_mb": memory_mb,
+        "cpu_s": math.ceil(timeout_s) + 1,
+    }
     try:
         reply = _run_worker(args, timeout_s)
         if not reply["ok"]:
             raise ServiceError(reply["status"], reply["code"], reply["message"])
         if sorted(os.listdir(dest)) != sorted(reply["files"]) or not all(
-                stat.S_ISREG(os.lstat(dest / name).st_mode) for name in reply["files"]):
-            raise ServiceError(400, "invalid_archive", "the archive could not be read (the reader "
-                               "left unexpected files)")
+            stat.S_ISREG(os.lstat(dest / name).st_mode) for name in reply["files"]
+        ):
+            raise ServiceError(
+                400, "invalid_archive", "the archive could not be read (the reader left unexpected files)"
+            )
     except BaseException:
         _empty(dest)
         raise
@@ -65,13 +73,21 @@ def _empty(folder: Path) -> None:
 def _run_worker(args: dict, timeout_s: float) -> dict:
     """Run the worker; return its checked reply, or raise ServiceError when it gave none."""
     try:
-        proc = subprocess.run([sys.executable, "-I", "-S", str(WORKER), json.dumps(args)],
-                              capture_output=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
-                              close_fds=True, cwd=args["dest"],
-                              env={"PATH": os.environ.get("PATH", os.defpath)})
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", str(WORKER), json.dumps(args)],
+            capture_output=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            cwd=args["dest"],
+            env={"PATH": os.environ.get("PATH", os.defpath)},
+        )
     except subprocess.TimeoutExpired:
-        raise ServiceError(400, "invalid_archive", f"the archive could not be read within "
-                           f"{timeout_s:g} s (malformed header?)") from None
+        raise ServiceError(
+            400,
+            "invalid_archive",
+            f"the archive could not be read within {timeout_s:g} s (malformed header?)",
+        ) from None
     reply = _parse_reply(proc.stdout) if proc.returncode == 0 else None
     if reply is None:
         if proc.returncode < 0:
@@ -81,10 +97,14 @@ def _run_worker(args: dict, timeout_s: float) -> dict:
                 how = f"signal {-proc.returncode}"
         else:
             how = f"status {proc.returncode}" + ("" if proc.returncode else " but no valid answer")
-        log.warning("archive reader failed (%s): %s", how,
-                    proc.stderr[-_STDERR_LOG_BYTES:].decode("utf-8", "replace").strip())
-        raise ServiceError(400, "invalid_archive", f"the archive could not be read (reader exited "
-                           f"with {how})")
+        log.warning(
+            "archive reader failed (%s): %s",
+            how,
+            proc.stderr[-_STDERR_LOG_BYTES:].decode("utf-8", "replace").strip(),
+        )
+        raise ServiceError(
+            400, "invalid_archive", f"the archive could not be read (reader exited with {how})"
+        )
     return reply
 
 
@@ -101,8 +121,12 @@ def _parse_reply(stdout: bytes) -> dict | None:
         files = reply.get("files")
         valid = isinstance(files, list) and all(isinstance(f, str) and f in ADAPTER_FILES for f in files)
     else:
-        valid = (reply.get("ok") is False and reply.get("status") in (400, 413)
-                 and isinstance(reply.get("code"), str) and isinstance(reply.get("message"), str))
+        valid = (
+            reply.get("ok") is False
+            and reply.get("status") in (400, 413)
+            and isinstance(reply.get("code"), str)
+            and isinstance(reply.get("message"), str)
+        )
     return reply if valid else None
 
 
@@ -119,7 +143,7 @@ def remove_tree(path: Path) -> bool:
             os.unlink(top)
     except FileNotFoundError:
         pass
-    except Exception as exc:  # noqa: BLE001 - never raises
+    except Exception as exc:
         errors.append(exc)
     if not os.path.lexists(top):
         return True

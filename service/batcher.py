@@ -31,9 +31,17 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, *, max_batch: int, max_batch_tokens: int,
-                 max_wait_ms: float, max_queue: int, retry_after_s: int = 1,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_queue: int,
+        retry_after_s: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
@@ -70,19 +78,25 @@ class Batcher:
     async def submit(self, rows: list[Row]) -> list[RowOutput]:
         """Queue ``rows`` (all or none) and wait for their results, in order."""
         if self._task is None:
-            raise ServiceError(503, "not_ready", "the batcher is not running",
-                               {"Retry-After": str(self.retry_after_s)})
+            raise ServiceError(
+                503, "not_ready", "the batcher is not running", {"Retry-After": str(self.retry_after_s)}
+            )
         if len(rows) > self.max_queue:  # would never fit: retrying (429) cannot help
-            raise ServiceError(413, "too_many_inputs", f"{len(rows)} inputs in one request; the queue "
-                               f"holds at most {self.max_queue} sequences")
+            raise ServiceError(
+                413,
+                "too_many_inputs",
+                f"{len(rows)} inputs in one request; the queue holds at most {self.max_queue} sequences",
+            )
         if len(self._pending) + len(rows) > self.max_queue:
             if self.metrics:
                 self.metrics.rejected.inc()
             raise ServiceError(
-                429, "queue_full",
+                429,
+                "queue_full",
                 f"the server is at capacity ({len(self._pending)} sequences queued, limit "
                 f"{self.max_queue}); retry after {self.retry_after_s} s",
-                {"Retry-After": str(self.retry_after_s)})
+                {"Retry-After": str(self.retry_after_s)},
+            )
         loop = asyncio.get_running_loop()
         items = [_Item(row, loop.create_future()) for row in rows]
         self._pending.extend(items)
@@ -148,7 +162,7 @@ class Batcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if not self._pending:
                     break
@@ -164,13 +178,15 @@ class Batcher:
             results = await self.engine.call(self.engine.run_batch, rows)
         except ServiceError as exc:
             results = [exc] * len(batch)
-        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the loop
+        except Exception as exc:
             log.exception("batch of %d rows failed", len(batch))
-            results = [ServiceError(500, "internal_error", f"forward failed: {type(exc).__name__}")] \
-                * len(batch)
+            results = [ServiceError(500, "internal_error", f"forward failed: {type(exc).__name__}")] * len(
+                batch
+            )
         if self.metrics:
-            self.metrics.observe_batch(len(rows), sum(len(r.ids) for r in rows),
-                                       time.perf_counter() - started)
+            self.metrics.observe_batch(
+                len(rows), sum(len(r.ids) for r in rows), time.perf_counter() - started
+            )
         for item, result in zip(batch, results):
             if item.future.done():
                 continue

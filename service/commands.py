@@ -22,9 +22,13 @@ from .settings import Settings
 class ServeOptions:
     """Where `serve` reads the settings the flags and env vars leave unset."""
 
-    config: str | None = field(default=None, metadata={
-        "help": "TOML/JSON settings file (also $LORASAE_CONFIG); every setting can also be an env "
-                "var LORASAE_<NAME>"})
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "TOML/JSON settings file (also $LORASAE_CONFIG); every setting can also be an env "
+            "var LORASAE_<NAME>"
+        },
+    )
 
 
 def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = None) -> None:
@@ -37,8 +41,7 @@ def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = N
     from .engine import Engine
     from .limits import uvicorn_options
 
-    settings = Settings.load(config=cliargs.build(ServeOptions, args).config,
-                             **cliargs.given(args, Settings))
+    settings = Settings.load(config=cliargs.build(ServeOptions, args).config, **cliargs.given(args, Settings))
     settings.check_safe()  # fail now, not after loading the model: unset key variable, open bind
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if settings.torch_threads:
@@ -48,8 +51,13 @@ def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = N
     uvicorn.run(create_app(settings, engine), **uvicorn_options(settings))
 
 
-def register(subparsers: argparse._SubParsersAction,
-             make_default_sae: DefaultSaeMaker | None = None) -> None:
+def register(subparsers: argparse._SubParsersAction, make_default_sae: DefaultSaeMaker | None = None) -> None:
     """Add ``serve`` to the `lorasae` parser's subcommands (``make_default_sae``: see ``serve``)."""
-    cliargs.add_command(subparsers, "serve", partial(serve, make_default_sae=make_default_sae),
-                        Settings, ServeOptions, help="serve per-token SAE features over HTTP (FastAPI)")
+    cliargs.add_command(
+        subparsers,
+        "serve",
+        partial(serve, make_default_sae=make_default_sae),
+        Settings,
+        ServeOptions,
+        help="serve per-token SAE features over HTTP (FastAPI)",
+    )

@@ -40,22 +40,36 @@ class Service:
             if self.engine is None:
                 log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
                 self.engine = await asyncio.to_thread(Engine.from_settings, s)
-            self.registry = Registry(self.engine, s.adapter_root, s.db_path,
-                                     max_upload_bytes=int(s.max_upload_mb * 2**20), metrics=self.metrics,
-                                     unpack_timeout_s=s.unpack_timeout_s)
+            self.registry = Registry(
+                self.engine,
+                s.adapter_root,
+                s.db_path,
+                max_upload_bytes=int(s.max_upload_mb * 2**20),
+                metrics=self.metrics,
+                unpack_timeout_s=s.unpack_timeout_s,
+            )
             await self.registry.restore()
-            self.batcher = Batcher(self.engine, max_batch=s.max_batch,
-                                   max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,
-                                   max_queue=s.max_queue, retry_after_s=s.retry_after_s,
-                                   metrics=self.metrics)
+            self.batcher = Batcher(
+                self.engine,
+                max_batch=s.max_batch,
+                max_batch_tokens=s.max_batch_tokens,
+                max_wait_ms=s.max_wait_ms,
+                max_queue=s.max_queue,
+                retry_after_s=s.retry_after_s,
+                metrics=self.metrics,
+            )
             self.batcher.start()
-        except Exception as exc:  # noqa: BLE001 - reported by /readyz, the server stays up
+        except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("startup failed: %s", self.error)
             return
         self.ready.set()
-        log.info("ready: model %s, SAEs %s, %d adapters", self.engine.model_id,
-                 list(self.engine.names.values()), len(self.registry.list()))
+        log.info(
+            "ready: model %s, SAEs %s, %d adapters",
+            self.engine.model_id,
+            list(self.engine.names.values()),
+            len(self.registry.list()),
+        )
 
     async def stop(self) -> None:
         if self.batcher is not None:
@@ -74,8 +88,9 @@ def ready_service(request: Request) -> Service:
     svc: Service = request.app.state.service
     if not svc.ready.is_set():
         detail = f"startup failed: {svc.error}" if svc.error else "the model is still loading"
-        raise ServiceError(503, "not_ready", f"not ready: {detail}",
-                           {"Retry-After": str(svc.settings.retry_after_s)})
+        raise ServiceError(
+            503, "not_ready", f"not ready: {detail}", {"Retry-After": str(svc.settings.retry_after_s)}
+        )
     return svc
 
 
@@ -87,7 +102,11 @@ def require_admin(request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise ServiceError(401, "unauthorized", "this route needs an API key: "
-                           "send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+        raise ServiceError(
+            401,
+            "unauthorized",
+            "this route needs an API key: send 'Authorization: Bearer <key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
     if not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise ServiceError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})

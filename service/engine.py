@@ -110,8 +110,9 @@ class Engine:
         self._module_names = tuple(name for name, _ in self.base.named_modules() if name)
         self.sae_fingerprints = {s.layer: sae_fingerprint(s.sae) for s in self.saes}
         config = unwrap(self.base).config
-        self.vocab_size = int(getattr(config, "vocab_size", 0) or
-                              self.base.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(
+            getattr(config, "vocab_size", 0) or self.base.get_output_embeddings().weight.shape[0]
+        )
         tok = self.lm.tokenizer
         self.bos = tok.bos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -142,8 +143,15 @@ class Engine:
 
     def sae_info(self, layers: Sequence[int] | None = None) -> list[dict]:
         layers = [s.layer for s in self.saes] if layers is None else layers
-        return [{"id": self.names[layer], "layer": layer, "d_sae": self.by_layer[layer].d_sae,
-                 "hook_name": self.by_layer[layer].hook_name} for layer in layers]
+        return [
+            {
+                "id": self.names[layer],
+                "layer": layer,
+                "d_sae": self.by_layer[layer].d_sae,
+                "hook_name": self.by_layer[layer].hook_name,
+            }
+            for layer in layers
+        ]
 
     # ------------------------------------------------------------ threading
 
@@ -183,11 +191,12 @@ class Engine:
         anchor_ids, anchor_text = self._anchor
         both = tok.decode(anchor_ids + [token_id]) if anchor_ids else ""
         if anchor_text and both.startswith(anchor_text):
-            return both[len(anchor_text):]
+            return both[len(anchor_text) :]
         return tok.decode([token_id])
 
-    def select_layers(self, selectors: Sequence[str] | None,
-                      default: Sequence[int] | None = None) -> tuple[int, ...]:
+    def select_layers(
+        self, selectors: Sequence[str] | None, default: Sequence[int] | None = None
+    ) -> tuple[int, ...]:
         """Layers of the SAEs named by ``selectors`` (public id, full id or layer number)."""
         if selectors is None:
             return tuple(sorted(default)) if default else tuple(self.by_layer)
@@ -214,8 +223,11 @@ class Engine:
             slot = self.adapters.get(row.adapter) if row.adapter is not None else None
             if row.adapter is not None and (slot is None or slot.generation != row.generation):
                 # deleted, or deleted and registered again, while the request waited in the queue
-                out[i] = ServiceError(404, "unknown_adapter", f"adapter {shown(row.adapter)} was "
-                                      "deleted or replaced while the request was queued")
+                out[i] = ServiceError(
+                    404,
+                    "unknown_adapter",
+                    f"adapter {shown(row.adapter)} was deleted or replaced while the request was queued",
+                )
             else:
                 live.append(i)
         if live:
@@ -235,11 +247,12 @@ class Engine:
         lens = [len(r.ids) for r in rows]
         ids = torch.full((len(rows), max(lens)), self.pad, dtype=torch.long)
         for b, row in enumerate(rows):
-            ids[b, :lens[b]] = torch.tensor(row.ids, dtype=torch.long)
+            ids[b, : lens[b]] = torch.tensor(row.ids, dtype=torch.long)
         return ids.to(self.device), lens
 
-    def _forward_gather(self, rows: list[Row], ids: torch.Tensor, lens: list[int]
-                        ) -> tuple[dict[str, list], dict[int, list[list[float]]]]:
+    def _forward_gather(
+        self, rows: list[Row], ids: torch.Tensor, lens: list[int]
+    ) -> tuple[dict[str, list], dict[int, list[list[float]]]]:
         """The spliced forward, and on the device only what the rows asked for (losses, top-k
         latents and reconstruction errors of each SAE, top logits), moved to the host as lists
         keyed ``loss``, ``i<layer>``/``v<layer>``/``e<layer>`` and ``li``/``lv``/``lp``; plus the
@@ -250,8 +263,9 @@ class Engine:
         if self.peft is not None:
             model = self.peft
             kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
-        with Splice(model, [self.by_layer[layer] for layer in layers], keep_first=self.keep_first,
-                    record=True) as splice:
+        with Splice(
+            model, [self.by_layer[layer] for layer in layers], keep_first=self.keep_first, record=True
+        ) as splice:
             logits = model(input_ids=ids, **kwargs).logits
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)  # [B, T]
@@ -268,7 +282,7 @@ class Engine:
             lvalues, lindices = logits.topk(min(max(wants_top), logits.shape[-1]), dim=-1)
             gathered["lv"], gathered["li"], gathered["lp"] = lvalues, lindices, lvalues - lse[..., None]
         host = {name: t.cpu() for name, t in gathered.items()}  # the only device -> host copies
-        full = {b: logits[b, :lens[b]].cpu().tolist() for b, r in enumerate(rows) if r.logits == "full"}
+        full = {b: logits[b, : lens[b]].cpu().tolist() for b, r in enumerate(rows) if r.logits == "full"}
         return {name: t.tolist() for name, t in host.items()}, full
 
     # ------------------------------------------------------------ adapters (engine thread)
@@ -291,27 +305,34 @@ class Engine:
             raise ServiceError(400, "invalid_adapter", str(exc)) from exc
         problems = manifest.mismatches(self.model_fingerprint, self.saes)
         if problems:
-            raise ServiceError(409, "adapter_mismatch", "adapter does not match the loaded model "
-                               "and SAEs: " + "; ".join(problems))
+            raise ServiceError(
+                409,
+                "adapter_mismatch",
+                "adapter does not match the loaded model and SAEs: " + "; ".join(problems),
+            )
         raw = read_lora_config(directory)  # strict: types, plain module names, plain LoRA only
         try:
             config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**raw))
-        except Exception as exc:  # noqa: BLE001 - peft's own checks of the values
-            raise ServiceError(400, "invalid_adapter",
-                               f"adapter_config.json: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        except Exception as exc:
+            raise ServiceError(
+                400, "invalid_adapter", f"adapter_config.json: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():
             raise ServiceError(400, "invalid_adapter", "no adapter_model.safetensors")
         try:
             state = load_file(str(weights))
-        except Exception as exc:  # noqa: BLE001 - truncated / garbage files
-            raise ServiceError(400, "invalid_adapter",
-                               f"corrupt adapter_model.safetensors: {exc}") from exc
-        bad = next((k for k, t in state.items()
-                    if not t.is_floating_point() or not torch.isfinite(t).all()), None)
+        except Exception as exc:
+            raise ServiceError(400, "invalid_adapter", f"corrupt adapter_model.safetensors: {exc}") from exc
+        bad = next(
+            (k for k, t in state.items() if not t.is_floating_point() or not torch.isfinite(t).all()), None
+        )
         if bad is not None:  # NaN/inf weights would put NaN into every answer (not even valid JSON)
-            raise ServiceError(400, "invalid_adapter",
-                               f"adapter_model.safetensors: {shown(bad)} is not a finite floating-point tensor")
+            raise ServiceError(
+                400,
+                "invalid_adapter",
+                f"adapter_model.safetensors: {shown(bad)} is not a finite floating-point tensor",
+            )
         self._check_shapes(config, state)
         self._check_targets(config, state)
         layers = tuple(sorted({e.layer for e in manifest.saes}))
@@ -323,30 +344,42 @@ class Engine:
             raise ServiceError(400, "invalid_adapter", "adapter_model.safetensors holds no weights")
         for key, tensor in state.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise ServiceError(409, "adapter_mismatch", f"unsupported adapter weight {shown(key)} "
-                                   "(only LoRA A/B matrices on linear layers are served)")
-            path, kind = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+                raise ServiceError(
+                    409,
+                    "adapter_mismatch",
+                    f"unsupported adapter weight {shown(key)} "
+                    "(only LoRA A/B matrices on linear layers are served)",
+                )
+            path, kind = key[len(PEFT_PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
             try:
                 module = base.get_submodule(path)
             except AttributeError as exc:
-                raise ServiceError(409, "adapter_mismatch",
-                                   f"adapter targets {shown(path)}, which the loaded model lacks") from exc
+                raise ServiceError(
+                    409, "adapter_mismatch", f"adapter targets {shown(path)}, which the loaded model lacks"
+                ) from exc
             module = getattr(module, "base_layer", module)
             weight = getattr(module, "weight", None)
             if weight is None or weight.dim() != 2:
-                raise ServiceError(409, "adapter_mismatch", f"adapter targets {shown(path)}, not a linear layer")
+                raise ServiceError(
+                    409, "adapter_mismatch", f"adapter targets {shown(path)}, not a linear layer"
+                )
             if isinstance(module, torch.nn.Linear):
                 d_in, d_out = module.in_features, module.out_features
             else:  # transformers Conv1D (GPT-2): weight [in, out]
                 d_in, d_out = weight.shape
             if tensor.dim() != 2:
-                raise ServiceError(409, "adapter_mismatch", f"{shown(key)}: expected a matrix, got {tuple(tensor.shape)}")
+                raise ServiceError(
+                    409, "adapter_mismatch", f"{shown(key)}: expected a matrix, got {tuple(tensor.shape)}"
+                )
             r = tensor.shape[0] if kind == "lora_A" else tensor.shape[1]
             expected = (r, d_in) if kind == "lora_A" else (d_out, r)
             if tuple(tensor.shape) != expected:
-                raise ServiceError(409, "adapter_mismatch",
-                                   f"{shown(key)}: shape {tuple(tensor.shape)} does not fit {shown(path)} "
-                                   f"(in {d_in}, out {d_out})")
+                raise ServiceError(
+                    409,
+                    "adapter_mismatch",
+                    f"{shown(key)}: shape {tuple(tensor.shape)} does not fit {shown(path)} "
+                    f"(in {d_in}, out {d_out})",
+                )
 
     def _check_targets(self, config, state: dict[str, torch.Tensor]) -> None:
         """The modules the config makes peft wrap must be exactly those the weights are for,
@@ -355,13 +388,17 @@ class Engine:
         model and change the numbers of every later request."""
         from peft.tuners.tuners_utils import check_target_module_exists
 
-        weighted = {key[len(PEFT_PREFIX):].rsplit(".", 2)[0] for key in state}
+        weighted = {key[len(PEFT_PREFIX) :].rsplit(".", 2)[0] for key in state}
         targeted = {name for name in self._module_names if check_target_module_exists(config, name)}
         if targeted != weighted:
             extra, unfilled = sorted(targeted - weighted), sorted(weighted - targeted)
-            raise ServiceError(409, "adapter_mismatch", "adapter_config.json and the weights disagree: "
-                               f"{len(extra)} targeted modules without weights {extra[:3]}, weights for "
-                               f"{len(unfilled)} modules not targeted {unfilled[:3]}")
+            raise ServiceError(
+                409,
+                "adapter_mismatch",
+                "adapter_config.json and the weights disagree: "
+                f"{len(extra)} targeted modules without weights {extra[:3]}, weights for "
+                f"{len(unfilled)} modules not targeted {unfilled[:3]}",
+            )
 
     def add_adapter(self, name: str, adapter: ValidatedAdapter) -> None:
         """Load a validated adapter into the one peft model under ``name`` (engine thread).
@@ -385,15 +422,19 @@ class Engine:
             bad = [k for k in result.unexpected_keys if "lora_" in k]
             missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
             if bad or missing:
-                raise ServiceError(409, "adapter_mismatch", "adapter weights do not fit the model: "
-                                   f"unexpected {bad[:3]}, missing {missing[:3]}")
+                raise ServiceError(
+                    409,
+                    "adapter_mismatch",
+                    f"adapter weights do not fit the model: unexpected {bad[:3]}, missing {missing[:3]}",
+                )
             self.peft.eval()
         except BaseException as exc:
             self._drop(name)
             if isinstance(exc, ServiceError) or not is_mismatch(exc):
                 raise
-            raise ServiceError(409, "adapter_mismatch",
-                               f"adapter does not load into the model: {type(exc).__name__}: {exc}") from exc
+            raise ServiceError(
+                409, "adapter_mismatch", f"adapter does not load into the model: {type(exc).__name__}: {exc}"
+            ) from exc
         self.adapters[name] = _Slot(layers=adapter.layers, generation=next(self._generations))
 
     def remove_adapter(self, name: str) -> None:
@@ -426,8 +467,11 @@ def is_mismatch(exc: BaseException) -> bool:
     size is torch's ``load_state_dict`` RuntimeError."""
     if isinstance(exc, ValueError):
         return True
-    return (isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError)
-            and str(exc).startswith("Error(s) in loading state_dict"))
+    return (
+        isinstance(exc, RuntimeError)
+        and not isinstance(exc, torch.OutOfMemoryError)
+        and str(exc).startswith("Error(s) in loading state_dict")
+    )
 
 
 def _strip_peft_layers(model: torch.nn.Module) -> None:
@@ -440,25 +484,40 @@ def _strip_peft_layers(model: torch.nn.Module) -> None:
             setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
-def _to_rows(rows: list[Row], lens: list[int], host: dict[str, list],
-             full: dict[int, list[list[float]]]) -> list[RowOutput]:
+def _to_rows(
+    rows: list[Row], lens: list[int], host: dict[str, list], full: dict[int, list[list[float]]]
+) -> list[RowOutput]:
     """Cut the batch's host lists (see ``Engine._forward_gather``) back into one result per row:
     its own length, its own ``top_k`` and ``logits_top_k``."""
     layers = rows[0].layers
     results = []
     for b, row in enumerate(rows):
         n = lens[b]
-        features = {layer: ([x[:row.top_k] for x in host[f"i{layer}"][b][:n]],
-                            [x[:row.top_k] for x in host[f"v{layer}"][b][:n]]) for layer in layers}
+        features = {
+            layer: (
+                [x[: row.top_k] for x in host[f"i{layer}"][b][:n]],
+                [x[: row.top_k] for x in host[f"v{layer}"][b][:n]],
+            )
+            for layer in layers
+        }
         top = None
         if row.logits == "top_k":
             k = row.logits_top_k
-            top = ([x[:k] for x in host["li"][b][:n]], [x[:k] for x in host["lv"][b][:n]],
-                   [x[:k] for x in host["lp"][b][:n]])
-        results.append(RowOutput(
-            ids=row.ids, loss=host["loss"][b][:n - 1], features=features,
-            recon_error={layer: host[f"e{layer}"][b][:n] for layer in layers},
-            top_logits=top, full_logits=full.get(b)))
+            top = (
+                [x[:k] for x in host["li"][b][:n]],
+                [x[:k] for x in host["lv"][b][:n]],
+                [x[:k] for x in host["lp"][b][:n]],
+            )
+        results.append(
+            RowOutput(
+                ids=row.ids,
+                loss=host["loss"][b][: n - 1],
+                features=features,
+                recon_error={layer: host[f"e{layer}"][b][:n] for layer in layers},
+                top_logits=top,
+                full_logits=full.get(b),
+            )
+        )
     return results
 
 

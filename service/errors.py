@@ -34,8 +34,7 @@ def json_error(status: int, code: str, message: str, headers: dict[str, str] | N
     """The wire form of an error: ``{"error": {"code", "message"}}`` with ``status``."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -69,8 +68,9 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
             # FastAPI's body parsing failed beyond a JSON syntax error (bytes that are not UTF-8,
             # nesting too deep): malformed JSON all the same, answered like any other (422)
-            return json_error(422, "validation_error",
-                              f"body: not valid JSON ({type(exc.__cause__).__name__})")
+            return json_error(
+                422, "validation_error", f"body: not valid JSON ({type(exc.__cause__).__name__})"
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return json_error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

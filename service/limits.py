@@ -76,21 +76,28 @@ class EdgeMiddleware:
             return await self.app(scope, receive, send)
         target = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
         if target > MAX_TARGET_BYTES:  # h11 bounds incomplete requests only; a whole one can be big
-            return await json_error(414, "uri_too_long", f"request target over {MAX_TARGET_BYTES} "
-                                    "bytes")(scope, receive, send)
+            return await json_error(414, "uri_too_long", f"request target over {MAX_TARGET_BYTES} bytes")(
+                scope, receive, send
+            )
         if sum(len(k) + len(v) for k, v in scope.get("headers", ())) > MAX_HEADER_BYTES:
-            return await json_error(431, "headers_too_large", f"request headers over "
-                                    f"{MAX_HEADER_BYTES} bytes")(scope, receive, send)
+            return await json_error(
+                431, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes"
+            )(scope, receive, send)
         if not host_allowed(_header(scope, b"host"), self.hosts):
-            return await json_error(400, "invalid_host", "this server does not answer for that Host "
-                                    "header (settings: allowed_hosts)")(scope, receive, send)
+            return await json_error(
+                400,
+                "invalid_host",
+                "this server does not answer for that Host header (settings: allowed_hosts)",
+            )(scope, receive, send)
         if scope["method"] == "POST" and scope["path"] in JSON_ROUTES and not _is_upload(scope):
             media = _header(scope, b"content-type").partition(";")[0].strip().lower()
-            if media != "application/json" and not (media.startswith("application/")
-                                                    and media.endswith("+json")):
+            if media != "application/json" and not (
+                media.startswith("application/") and media.endswith("+json")
+            ):
                 what = f"content type {media!r}" if media else "no content type"
-                return await json_error(415, "unsupported_media_type", f"{what}: this route takes "
-                                        "'application/json'")(scope, receive, send)
+                return await json_error(
+                    415, "unsupported_media_type", f"{what}: this route takes 'application/json'"
+                )(scope, receive, send)
         limit = self.limit_for(scope)
         length = _header(scope, b"content-length")
         if length.isdigit() and int(length) > limit:
@@ -107,9 +114,10 @@ class EdgeMiddleware:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
-                state["refused"] = _Refused(408, "request_timeout", "the request body stalled for "
-                                            f"{self.body_timeout:g} s")
+            except TimeoutError:
+                state["refused"] = _Refused(
+                    408, "request_timeout", f"the request body stalled for {self.body_timeout:g} s"
+                )
                 raise state["refused"] from None
             if message["type"] == "http.request":
                 state["read"] += len(message.get("body", b""))
@@ -141,8 +149,11 @@ def _is_upload(scope: dict) -> bool:
 
 def _too_large(scope: dict, limit: int) -> _Refused:
     if _is_upload(scope):
-        return _Refused(413, "upload_too_large", f"upload over the limit of {limit} bytes "
-                        "(max_upload_mb, plus the multipart framing)")
+        return _Refused(
+            413,
+            "upload_too_large",
+            f"upload over the limit of {limit} bytes (max_upload_mb, plus the multipart framing)",
+        )
     return _Refused(413, "request_too_large", f"request body over the limit of {limit} bytes (max_body_kb)")
 
 
@@ -194,7 +205,14 @@ def guarded_h11(header_timeout: float) -> type[H11Protocol]:
 
 def uvicorn_options(settings: Settings) -> dict:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` that bound connections and time."""
-    return {"host": settings.host, "port": settings.port, "http": guarded_h11(settings.header_timeout_s),
-            "limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_s,
-            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "backlog": 512, "server_header": False,
-            "log_level": "info"}
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "http": guarded_h11(settings.header_timeout_s),
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        "backlog": 512,
+        "server_header": False,
+        "log_level": "info",
+    }

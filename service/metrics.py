@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the route
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -12,20 +18,27 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lorasae_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=r)
-        self.latency = Histogram("lorasae_request_seconds", "HTTP request latency", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("lorasae_batch_rows", "sequences per forward",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.batch_tokens = Histogram("lorasae_batch_tokens", "real tokens per forward",
-                                      buckets=(16, 64, 256, 1024, 4096, 16384, 65536), registry=r)
-        self.forward_seconds = Histogram("lorasae_forward_seconds", "engine time per batch",
-                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "lorasae_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "lorasae_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "lorasae_batch_rows", "sequences per forward", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.batch_tokens = Histogram(
+            "lorasae_batch_tokens",
+            "real tokens per forward",
+            buckets=(16, 64, 256, 1024, 4096, 16384, 65536),
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "lorasae_forward_seconds", "engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.tokens = Counter("lorasae_tokens", "tokens processed", registry=r)
         self.queue_depth = Gauge("lorasae_queue_depth", "sequences waiting for a batch", registry=r)
-        self.rejected = Counter("lorasae_rejected", "requests refused because the queue was full",
-                                registry=r)
+        self.rejected = Counter("lorasae_rejected", "requests refused because the queue was full", registry=r)
         self.adapters = Gauge("lorasae_adapters", "registered adapters", registry=r)
 
     def observe_batch(self, rows: int, tokens: int, seconds: float) -> None:

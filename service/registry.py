@@ -23,15 +23,15 @@ import os
 import sqlite3
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
 from lorasae.errors import LorasaeError
-from lorasae_client.schemas import AdapterInfo
 from lorasae.manifest import MANIFEST_FILE
+from lorasae_client.schemas import AdapterInfo
 
 from .archive import remove_tree, unpack_adapter
 from .engine import Engine, ValidatedAdapter
@@ -58,9 +58,15 @@ CREATE TABLE IF NOT EXISTS adapters (
 
 
 class Registry:
-    def __init__(self, engine: Engine, adapter_root: Path, db_path: Path,
-                 max_upload_bytes: int = 1 << 30, metrics: Metrics | None = None,
-                 unpack_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        adapter_root: Path,
+        db_path: Path,
+        max_upload_bytes: int = 1 << 30,
+        metrics: Metrics | None = None,
+        unpack_timeout_s: float = 30.0,
+    ) -> None:
         self.engine = engine
         self.root = Path(adapter_root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -95,8 +101,11 @@ class Registry:
     def require_ready(self, name: str) -> dict:
         info = self.get(name)
         if info["status"] != "ready":
-            raise ServiceError(409, "adapter_unavailable",
-                               f"adapter {name!r} is registered but could not be loaded: {info['error']}")
+            raise ServiceError(
+                409,
+                "adapter_unavailable",
+                f"adapter {name!r} is registered but could not be loaded: {info['error']}",
+            )
         return info
 
     # ------------------------------------------------------------ paths
@@ -110,20 +119,27 @@ class Registry:
             target = (self.root / Path(relative).expanduser()).resolve()
             outside = not self._inside(target)
             is_dir = not outside and target.is_dir()
-            linked_out = [name for name in ADAPTER_FILES
-                          if is_dir and not self._inside((target / name).resolve())]
+            linked_out = [
+                name for name in ADAPTER_FILES if is_dir and not self._inside((target / name).resolve())
+            ]
         except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise ServiceError(400, "invalid_path", f"{given} is not a usable path: {reason}") from exc
         if outside or linked_out:
             what = given + (f" (its {linked_out[0]} links there)" if linked_out else "")
-            raise ServiceError(400, "path_outside_root",
-                               f"{what} is outside the adapter root; register adapters from "
-                               "inside it (paths are relative to the root)")
+            raise ServiceError(
+                400,
+                "path_outside_root",
+                f"{what} is outside the adapter root; register adapters from "
+                "inside it (paths are relative to the root)",
+            )
         parts = target.relative_to(self.root).parts
         if parts and parts[0] in RESERVED:
-            raise ServiceError(400, "path_reserved", f"{given} is inside the server's own "
-                               f"{parts[0]}/ folder; register uploads by uploading them")
+            raise ServiceError(
+                400,
+                "path_reserved",
+                f"{given} is inside the server's own {parts[0]}/ folder; register uploads by uploading them",
+            )
         if not is_dir:
             raise ServiceError(400, "path_not_found", f"no adapter folder {given} in the adapter root")
         return target
@@ -177,7 +193,9 @@ class Registry:
         no row refers to. Only folders the server made are removed (``.incoming`` and uploads
         carrying its mark); the sweep is best-effort: what cannot be removed is logged and left."""
         with self._db_lock:
-            rows = self._conn.execute("SELECT name, path, source, info FROM adapters ORDER BY name").fetchall()
+            rows = self._conn.execute(
+                "SELECT name, path, source, info FROM adapters ORDER BY name"
+            ).fetchall()
         remove_tree(self.root / INCOMING)
         referenced = {path for _, path, source, _ in rows if source == "upload"}
         uploads = self.root / UPLOADS
@@ -193,8 +211,11 @@ class Registry:
                 log.warning("removing %s: an upload no registration refers to", leftover)
                 remove_tree(leftover)
             else:
-                log.warning("leaving %s alone: not made by this server (uploads/ is the server's; "
-                            "keep adapters elsewhere in the root)", leftover)
+                log.warning(
+                    "leaving %s alone: not made by this server (uploads/ is the server's; "
+                    "keep adapters elsewhere in the root)",
+                    leftover,
+                )
         for name, path, source, info_json in rows:
             info = _row_info(name, path, source, info_json)
             try:
@@ -202,9 +223,11 @@ class Registry:
                 validated = await asyncio.to_thread(self.engine.validate_adapter, directory)
                 await self.engine.call(self.engine.add_adapter, name, validated)
                 # described from the files as loaded now (the row only keeps its creation time)
-                info = {**self._info(name, directory, source, validated),
-                        "created_at": info["created_at"] or _now()}
-            except Exception as exc:  # noqa: BLE001 - a stale row must not stop the server
+                info = {
+                    **self._info(name, directory, source, validated),
+                    "created_at": info["created_at"] or _now(),
+                }
+            except Exception as exc:
                 message = exc.message if isinstance(exc, ServiceError) else str(exc)
                 log.warning("adapter %r not restored: %s", name, message)
                 info.update(status="error", error=message)
@@ -219,11 +242,13 @@ class Registry:
 
     def _check_new(self, name: str) -> None:
         if name in self._infos:
-            raise ServiceError(409, "duplicate_adapter", f"an adapter named {name!r} is already "
-                               "registered; delete it first or choose another name")
+            raise ServiceError(
+                409,
+                "duplicate_adapter",
+                f"an adapter named {name!r} is already registered; delete it first or choose another name",
+            )
 
-    async def _install(self, name: str, directory: Path, source: str,
-                       validated: ValidatedAdapter) -> dict:
+    async def _install(self, name: str, directory: Path, source: str, validated: ValidatedAdapter) -> dict:
         info = self._info(name, directory, source, validated)
         await self.engine.call(self.engine.add_adapter, name, validated)
         try:
@@ -246,8 +271,15 @@ class Registry:
             "name": name,
             "base_model": manifest.base_model,
             "base_model_fingerprint": manifest.base_model_fingerprint,
-            "saes": [{"id": self.engine.names.get(e.layer, e.id), "layer": e.layer, "d_sae": e.d_sae,
-                      "hook_name": e.hook_name} for e in manifest.saes],
+            "saes": [
+                {
+                    "id": self.engine.names.get(e.layer, e.id),
+                    "layer": e.layer,
+                    "d_sae": e.d_sae,
+                    "hook_name": e.hook_name,
+                }
+                for e in manifest.saes
+            ],
             "rank": int(cfg.r),
             "alpha": float(cfg.lora_alpha),
             "target_modules": targets,
@@ -266,10 +298,12 @@ class Registry:
                 with self._conn:  # one transaction: committed whole or rolled back
                     self._conn.execute(
                         "INSERT INTO adapters (name, path, source, info, created_at) VALUES (?, ?, ?, ?, ?)",
-                        (info["name"], info["path"], info["source"], json.dumps(info), info["created_at"]))
+                        (info["name"], info["path"], info["source"], json.dumps(info), info["created_at"]),
+                    )
             except sqlite3.IntegrityError as exc:
-                raise ServiceError(409, "duplicate_adapter",
-                                   f"an adapter named {info['name']!r} is already registered") from exc
+                raise ServiceError(
+                    409, "duplicate_adapter", f"an adapter named {info['name']!r} is already registered"
+                ) from exc
 
     def _db_delete(self, name: str) -> None:
         with self._db_lock, self._conn:
@@ -292,11 +326,13 @@ class Registry:
             while chunk := fileobj.read(1 << 20):
                 size += len(chunk)
                 if size > self.max_upload_bytes:
-                    raise ServiceError(413, "upload_too_large",
-                                       f"archive larger than {self.max_upload_bytes} bytes")
+                    raise ServiceError(
+                        413, "upload_too_large", f"archive larger than {self.max_upload_bytes} bytes"
+                    )
                 out.write(chunk)
-        adapter_dir = unpack_adapter(archive, incoming / "adapter", max_bytes=self.max_upload_bytes,
-                                     timeout_s=self.unpack_timeout_s)
+        adapter_dir = unpack_adapter(
+            archive, incoming / "adapter", max_bytes=self.max_upload_bytes, timeout_s=self.unpack_timeout_s
+        )
         mark = adapter_dir / UPLOAD_MARK
         mark.write_text("unpacked by lorasae serve; removed with its registration\n")
         _fsync_file(mark)
@@ -328,8 +364,10 @@ def _lock_root(root: Path):
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         handle.close()
-        raise LorasaeError(f"the adapter root {root} is in use by another lorasae server "
-                           "(one server per adapter root: give each its own --adapter-root)") from exc
+        raise LorasaeError(
+            f"the adapter root {root} is in use by another lorasae server "
+            "(one server per adapter root: give each its own --adapter-root)"
+        ) from exc
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -338,7 +376,7 @@ def _lock_root(root: Path):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _row_info(name: str, path: str, source: str, info_json: str) -> dict:
@@ -348,9 +386,16 @@ def _row_info(name: str, path: str, source: str, info_json: str) -> dict:
         return AdapterInfo.model_validate_json(info_json).model_dump()
     except ValidationError as exc:
         log.warning("registry row %r unreadable: %s", name, exc)
-        return AdapterInfo(name=name, base_model="unknown", saes=[], created_at="",
-                           source="upload" if source == "upload" else "path", path=path,
-                           status="error", error="registry row unreadable").model_dump()
+        return AdapterInfo(
+            name=name,
+            base_model="unknown",
+            saes=[],
+            created_at="",
+            source="upload" if source == "upload" else "path",
+            path=path,
+            status="error",
+            error="registry row unreadable",
+        ).model_dump()
 
 
 def finite_json(value: Any) -> Any:

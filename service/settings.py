@@ -32,23 +32,38 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASAE_", extra="ignore")
 
     model: str = Field("default", description="hub id, local HF dir or .gguf (default: embedded SmolLM2)")
-    saes: list[str] = Field(default_factory=list, json_schema_extra={"flag": "--sae"},
-                            description="SAE to splice: sae-lens folder or release/sae_id (repeat; "
-                                        "default: the default SAE of the default model)")
+    saes: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"flag": "--sae"},
+        description="SAE to splice: sae-lens folder or release/sae_id (repeat; "
+        "default: the default SAE of the default model)",
+    )
     device: str | None = Field(None, description="cuda / cpu (default: cuda if available)")
     dtype: str | None = Field(None, description="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's); "
-                                      "1 avoids oversubscription on a busy CPU")
-    keep_first: bool = Field(True, json_schema_extra={"flag": "--splice-first"},
-                             description="also splice position 0 (BOS); by default it keeps its "
-                                         "clean activation (as in training)")
-    adapter_root: Path | None = Field(None, description="adapters are registered from inside this "
-                                                        "folder (default: $LORASAE_HOME/adapters)")
-    db_path: Path | None = Field(None, json_schema_extra={"flag": "--db"},
-                                 description="SQLite registry (default: <adapter_root>/registry.sqlite3)")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy CPU",
+    )
+    keep_first: bool = Field(
+        True,
+        json_schema_extra={"flag": "--splice-first"},
+        description="also splice position 0 (BOS); by default it keeps its clean activation (as in training)",
+    )
+    adapter_root: Path | None = Field(
+        None, description="adapters are registered from inside this folder (default: $LORASAE_HOME/adapters)"
+    )
+    db_path: Path | None = Field(
+        None,
+        json_schema_extra={"flag": "--db"},
+        description="SQLite registry (default: <adapter_root>/registry.sqlite3)",
+    )
     api_key_env: str | None = Field(None, description="env var holding the admin bearer key")
-    api_key: SecretStr | None = Field(None, json_schema_extra={"flag": None},  # never on a command line
-                                      description="admin bearer key (prefer api_key_env)")
+    api_key: SecretStr | None = Field(
+        None,
+        json_schema_extra={"flag": None},  # never on a command line
+        description="admin bearer key (prefer api_key_env)",
+    )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
     max_tokens: int = Field(1024, ge=1, description="tokens per input sequence")
@@ -58,21 +73,32 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill")
     max_queue: int = Field(256, ge=1, description="queued sequences; past it requests get 429")
     max_full_logits: int = Field(4_000_000, ge=0, description="tokens x vocab per request for logits=full")
-    max_response_entries: int = Field(2_000_000, ge=1, description="tokens x (top_k x SAEs + "
-                                      "logits_top_k) per request: bounds the answer's size")
-    max_upload_mb: float = Field(1024, gt=0, description="largest adapter archive accepted "
-                                 "(compressed, and again unpacked)")
+    max_response_entries: int = Field(
+        2_000_000,
+        ge=1,
+        description="tokens x (top_k x SAEs + logits_top_k) per request: bounds the answer's size",
+    )
+    max_upload_mb: float = Field(
+        1024, gt=0, description="largest adapter archive accepted (compressed, and again unpacked)"
+    )
     max_body_kb: int = Field(4096, ge=1, description="largest request body other than an upload")
     unpack_timeout_s: float = Field(30.0, gt=0, description="longest an archive may take to unpack")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 429/503")
-    insecure_no_auth: bool = Field(False, description="allow binding a non-loopback address without "
-                                   "an API key (anyone who reaches the port can register adapters)")
-    allowed_hosts: list[str] | None = Field(None, json_schema_extra={"flag": "--allowed-host"},
-                                            description="Host header accepted (repeat; '*', "
-                                            "'*.example.org'); default: loopback names when bound "
-                                            "to loopback, else any")
-    max_connections: int = Field(256, ge=1, description="open connections + requests in flight; "
-                                 "past it uvicorn answers 503")
+    insecure_no_auth: bool = Field(
+        False,
+        description="allow binding a non-loopback address without "
+        "an API key (anyone who reaches the port can register adapters)",
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        json_schema_extra={"flag": "--allowed-host"},
+        description="Host header accepted (repeat; '*', "
+        "'*.example.org'); default: loopback names when bound "
+        "to loopback, else any",
+    )
+    max_connections: int = Field(
+        256, ge=1, description="open connections + requests in flight; past it uvicorn answers 503"
+    )
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send its headers")
     body_timeout_s: float = Field(30.0, gt=0, description="longest pause while sending a body")
     keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
@@ -106,10 +132,12 @@ class Settings(BaseSettings):
         """Refuse an unauthenticated admin API on a reachable address (and a bad key variable)."""
         key = self.resolved_api_key()
         if key is None and not self.is_loopback() and not self.insecure_no_auth:
-            raise LorasaeError(f"refusing to serve on {self.host} without an API key: anyone who "
-                               "reaches it could register and delete adapters. Set --api-key-env "
-                               "VAR (or LORASAE_API_KEY_ENV), bind 127.0.0.1, or pass "
-                               "--insecure-no-auth")
+            raise LorasaeError(
+                f"refusing to serve on {self.host} without an API key: anyone who "
+                "reaches it could register and delete adapters. Set --api-key-env "
+                "VAR (or LORASAE_API_KEY_ENV), bind 127.0.0.1, or pass "
+                "--insecure-no-auth"
+            )
 
     def resolved_api_key(self) -> str | None:
         """The admin key (never logged): from ``api_key`` or the env var named by ``api_key_env``."""
@@ -118,17 +146,21 @@ class Settings(BaseSettings):
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:
-                raise LorasaeError(f"--api-key-env {self.api_key_env}: that environment variable is "
-                                   "empty or unset")
+                raise LorasaeError(
+                    f"--api-key-env {self.api_key_env}: that environment variable is empty or unset"
+                )
             return value
         return None
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource):
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ):
         sources = [init_settings, env_settings]
         path = _config_file.get() or os.environ.get(CONFIG_ENV)
         if path:

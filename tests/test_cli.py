@@ -17,13 +17,13 @@ import pytest
 import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings
+from tiny_world import CTX
 
 from lorasae import cliargs
 from lorasae.cli import build_parser, main
 from lorasae.training.commands import compare_config
 from lorasae.training.compare import PAPER_PRESET, CompareConfig
 from lorasae.training.eval import EvalConfig
-from tiny_world import CTX
 
 
 def _error_lines(err: str) -> list[str]:

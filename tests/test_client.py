@@ -9,6 +9,7 @@ import sys
 
 import httpx
 import pytest
+from service_fixtures import REPO, TEXTS, ServerProcess, client, engine, settings, world  # noqa: F401
 
 from lorasae_client import (
     APIConnectionError,
@@ -24,8 +25,6 @@ from lorasae_client import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
-
-from service_fixtures import REPO, TEXTS, ServerProcess, client, engine, settings, world  # noqa: F401
 
 
 def test_client_without_torch():

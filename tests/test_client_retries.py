@@ -8,7 +8,7 @@ import email.utils
 import math
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
@@ -105,7 +105,7 @@ def test_adapter_names_are_one_quoted_path_segment(kind, name, sleeps):
 
 
 def _http_date(offset_s: float) -> str:
-    return email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=offset_s),
+    return email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=offset_s),
                                        usegmt=True)
 
 

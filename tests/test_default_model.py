@@ -10,11 +10,11 @@ import json
 
 import pytest
 
+from lorasae.cli import main
 from lorasae.data import packed_sequences, token_stream
 from lorasae.metrics import evaluate
 from lorasae.models import DEFAULT_MODEL_NAME, load_model
 from lorasae.saes import load_sae
-from lorasae.cli import main
 from lorasae.training.train_sae import ensure_default_sae
 
 pytestmark = pytest.mark.slow

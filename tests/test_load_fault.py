@@ -42,8 +42,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from service_fixtures import (  # noqa: F401
-    REPO, SAE_LAYERS, TEXTS, WORDS, ServerProcess, server_factory, world)
+from service_fixtures import REPO, SAE_LAYERS, TEXTS, WORDS, ServerProcess, server_factory, world  # noqa: F401
 
 pytestmark = pytest.mark.load
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import D_MODEL, build_model, make_identity_sae, make_topk_sae, peft_wrap, wrap
+
 from lorasae.errors import LorasaeError
 from lorasae.models import decoder_layers, hidden_size, model_fingerprint, unwrap
 from lorasae.saes import check_compatible, hook_layer, load_sae, sae_fingerprint

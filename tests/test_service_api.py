@@ -8,13 +8,12 @@ import tarfile
 
 import pytest
 from fastapi.testclient import TestClient
+from service_fixtures import TEXTS, client, engine, register, settings, wait_until, world  # noqa: F401
 
 from lorasae.errors import LorasaeError
 from lorasae.service.app import create_app
 from lorasae.service.engine import Engine
 from lorasae_client.schemas import AdapterInfo, AdapterList, FeaturesResponse
-
-from service_fixtures import TEXTS, client, engine, register, settings, wait_until, world  # noqa: F401
 
 
 def _error(response, status: int, code: str | None = None) -> str:

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 import torch
+from service_fixtures import TEXTS, _tokenizer, client, engine, make_adapter, register, settings, world  # noqa: F401
 
 from lorasae.models import load_model
 from lorasae.saes import load_sae
@@ -18,8 +19,6 @@ from lorasae.service.batcher import Batcher
 from lorasae.service.engine import Row
 from lorasae.service.errors import ServiceError
 from lorasae.splice import Splice
-
-from service_fixtures import TEXTS, _tokenizer, client, engine, make_adapter, register, settings, world  # noqa: F401
 
 WAIT_S = 120.0  # a bound on waits for events, generous for a slow shared machine (never a delay)
 
@@ -295,9 +294,8 @@ def gpt2_world(tmp_path_factory):
     a TopK SAE on layer 1 and a LoRA adapter on ``c_attn``/``c_proj`` (``fan_in_fan_out``)."""
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from service_fixtures import WORDS
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("gpt2-world")
     gen = torch.Generator().manual_seed(0)

@@ -6,9 +6,20 @@ import copy
 
 import pytest
 import torch
+from conftest import (
+    BATCH,
+    D_MODEL,
+    SEQ,
+    VOCAB,
+    build_model,
+    make_identity_sae,
+    make_topk_sae,
+    manual_logits,
+    peft_wrap,
+    sae_fn,
+    wrap,
+)
 
-from conftest import (BATCH, D_MODEL, SEQ, VOCAB, build_model, make_identity_sae, make_topk_sae,
-                      manual_logits, peft_wrap, sae_fn, wrap)
 from lorasae.errors import LorasaeError
 from lorasae.models import decoder_layers
 from lorasae.splice import Splice, replace_outputs, residual_at, zero_ablation

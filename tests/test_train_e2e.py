@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_world import CTX
 
+from lorasae.cli import main
 from lorasae.data import packed_sequences
 from lorasae.metrics import kl_per_token, next_token_logprobs
 from lorasae.models import load_model
 from lorasae.saes import LoadedSAE, load_sae
 from lorasae.splice import Splice
-from lorasae.cli import main
 from lorasae.training.loop import CHECKPOINT_DIR
 from lorasae.training.train_e2e import E2eObjective, E2eTrainConfig, trainable_sae
-from tiny_world import CTX
 
 ONE_PROCESS = types.SimpleNamespace(num_processes=1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import D_MODEL, StubTokenizer, build_model
+
 from lorasae.models import LoadedModel
 from lorasae.saes import load_sae
 from lorasae.splice import Splice

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_fixtures import REPO, ServerProcess, world  # noqa: F401
 
 from lorasae_client import LoraSaeClient
-
-from service_fixtures import REPO, ServerProcess, world  # noqa: F401
 
 STATIC = REPO / "service" / "static"
 SCREENSHOT = REPO / "test-output" / "viewer.png"

@@ -48,16 +48,21 @@ class TrainSaeOptions:
     model: str = model_field()
     device: str | None = device_field()
     dtype: str | None = dtype_field()
-    out: str | None = field(default=None, metadata={
-        "help": "output folder (default: the cache folder of the default SAE)"})
+    out: str | None = field(
+        default=None, metadata={"help": "output folder (default: the cache folder of the default SAE)"}
+    )
 
 
 @dataclass
 class RunOptions:
     """Where a `train` / `train-e2e` run goes."""
 
-    out: str = field(metadata={"help": "run directory: the peft adapter + lorasae.json (train) or the "
-                                       "SAE in sae-lens format (train-e2e), metrics, checkpoints"})
+    out: str = field(
+        metadata={
+            "help": "run directory: the peft adapter + lorasae.json (train) or the "
+            "SAE in sae-lens format (train-e2e), metrics, checkpoints"
+        }
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out"})
 
 
@@ -65,21 +70,26 @@ class RunOptions:
 class CompareOptions:
     """A preset under the flags, and where `compare` writes."""
 
-    preset: Literal["paper"] | None = field(default=None, metadata={
-        "help": "paper: rank 64, lr 5e-5, batch 1 x ctx 1024, 15M tokens, LoRA after the SAE "
-                "(for a GPU; flags given explicitly still win)"})
-    out: str = field(default="lorasae-compare", metadata={
-        "help": "folder for both runs, compare.json/.png"})
+    preset: Literal["paper"] | None = field(
+        default=None,
+        metadata={
+            "help": "paper: rank 64, lr 5e-5, batch 1 x ctx 1024, 15M tokens, LoRA after the SAE "
+            "(for a GPU; flags given explicitly still win)"
+        },
+    )
+    out: str = field(default="lorasae-compare", metadata={"help": "folder for both runs, compare.json/.png"})
 
 
 @dataclass
 class SweepOptions:
     """Which sweeps `sweep` runs, and where."""
 
-    only: list[Literal["rank", "layers", "sparsity", "layer"]] | None = field(default=None, metadata={
-        "sep": ",", "help": "comma list of the sweeps to run (default: all)"})
-    report: bool = field(default=False, metadata={
-        "help": "train nothing: table and plots of the runs finished so far"})
+    only: list[Literal["rank", "layers", "sparsity", "layer"]] | None = field(
+        default=None, metadata={"sep": ",", "help": "comma list of the sweeps to run (default: all)"}
+    )
+    report: bool = field(
+        default=False, metadata={"help": "train nothing: table and plots of the runs finished so far"}
+    )
     out: str = field(default="lorasae-sweep", metadata={"help": "folder for every run and sweep.json"})
 
 
@@ -104,13 +114,20 @@ def train_sae_command(args: argparse.Namespace) -> None:
     train_sae(lm, cfg, out)
     load_sae(str(out), device=lm.device, model=lm.model)  # proves sae-lens loads what we wrote
     del lm
-    result = run_eval(EvalConfig(model=opts.model, saes=[str(out)], ctx=cfg.ctx, corpus=cfg.corpus,
-                                 device=opts.device, dtype=opts.dtype))
+    result = run_eval(
+        EvalConfig(
+            model=opts.model,
+            saes=[str(out)],
+            ctx=cfg.ctx,
+            corpus=cfg.corpus,
+            device=opts.device,
+            dtype=opts.dtype,
+        )
+    )
     _print_json({"sae_dir": str(out), **result}, out / "eval.json")
 
 
-def _train(args: argparse.Namespace, config: type[LoopConfig],
-           train: Callable[..., dict]) -> None:
+def _train(args: argparse.Namespace, config: type[LoopConfig], train: Callable[..., dict]) -> None:
     opts = cliargs.build(RunOptions, args)
     metrics = train(cliargs.build(config, args), Path(opts.out), resume=opts.resume)
     if "final" in metrics:  # the main process (under DDP the others return without it)
@@ -140,8 +157,7 @@ def compare_command(args: argparse.Namespace) -> None:
 def sweep_command(args: argparse.Namespace) -> None:
     cfg, opts = cliargs.build(SweepConfig, args), cliargs.build(SweepOptions, args)
     cfg = replace(cfg, loop=steps_budget(cfg.loop))  # --steps (and batch, ctx) set the budget
-    result = run_sweep(cfg, Path(opts.out), set(opts.only) if opts.only else None,
-                       report=opts.report)
+    result = run_sweep(cfg, Path(opts.out), set(opts.only) if opts.only else None, report=opts.report)
     print(format_table(result["rows"]), file=sys.stderr, flush=True)
     _print_json(result)
 
@@ -157,19 +173,65 @@ def demo_command(args: argparse.Namespace) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training commands to the `lorasae` parser's subcommands."""
     add = cliargs.add_command
-    add(subparsers, "eval", eval_command, EvalConfig, EvalOptions,
-        help="held-out CE gap, KL, L0, explained variance (JSON)")
-    add(subparsers, "train-sae", train_sae_command, TrainSaeOptions, SaeTrainingConfig,
-        help="train a TopK SAE on a residual stream (sae-lens format)")
-    add(subparsers, "train", train_command, LoraTrainConfig, RunOptions,
-        help="train a LoRA adapter around frozen SAE(s) (the method)")
-    add(subparsers, "train-e2e", train_e2e_command, E2eTrainConfig, RunOptions,
-        help="e2e SAE baseline: train the SAE on the KL, model frozen")
-    add(subparsers, "compare", compare_command, CompareConfig, CompareOptions,
-        help="LoRA-SAE vs the e2e SAE baseline: time to the same CE, curves")
-    add(subparsers, "sweep", sweep_command, SweepConfig, SweepOptions,
-        help="rank / adapted layers / sparsity / layer sweeps, Pareto plot")
-    add(subparsers, "merge", merge_command, MergeConfig,
-        help="merge an adapter into the base weights (HF model dir) + downstream before/after")
-    add(subparsers, "demo", demo_command, DemoConfig,
-        help="default model + default SAE: train (cached) and compare")
+    add(
+        subparsers,
+        "eval",
+        eval_command,
+        EvalConfig,
+        EvalOptions,
+        help="held-out CE gap, KL, L0, explained variance (JSON)",
+    )
+    add(
+        subparsers,
+        "train-sae",
+        train_sae_command,
+        TrainSaeOptions,
+        SaeTrainingConfig,
+        help="train a TopK SAE on a residual stream (sae-lens format)",
+    )
+    add(
+        subparsers,
+        "train",
+        train_command,
+        LoraTrainConfig,
+        RunOptions,
+        help="train a LoRA adapter around frozen SAE(s) (the method)",
+    )
+    add(
+        subparsers,
+        "train-e2e",
+        train_e2e_command,
+        E2eTrainConfig,
+        RunOptions,
+        help="e2e SAE baseline: train the SAE on the KL, model frozen",
+    )
+    add(
+        subparsers,
+        "compare",
+        compare_command,
+        CompareConfig,
+        CompareOptions,
+        help="LoRA-SAE vs the e2e SAE baseline: time to the same CE, curves",
+    )
+    add(
+        subparsers,
+        "sweep",
+        sweep_command,
+        SweepConfig,
+        SweepOptions,
+        help="rank / adapted layers / sparsity / layer sweeps, Pareto plot",
+    )
+    add(
+        subparsers,
+        "merge",
+        merge_command,
+        MergeConfig,
+        help="merge an adapter into the base weights (HF model dir) + downstream before/after",
+    )
+    add(
+        subparsers,
+        "demo",
+        demo_command,
+        DemoConfig,
+        help="default model + default SAE: train (cached) and compare",
+    )

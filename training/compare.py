@@ -38,11 +38,15 @@ class CompareConfig:
 
     loop: LoopConfig = field(default_factory=lambda: cpu_loop(150, eval_every=10, eval_tokens=8192))
     rank: int = field(default=CPU_RANK, metadata={"help": "LoRA rank"})
-    layers: Literal["after", "all"] = field(default="after", metadata={
-        "help": "adapt only the layers after the SAE (the paper's main runs) or all"})
+    layers: Literal["after", "all"] = field(
+        default="after",
+        metadata={"help": "adapt only the layers after the SAE (the paper's main runs) or all"},
+    )
     e2e_lr: float = field(default=5e-4, metadata={"help": "e2e SAE learning rate"})
-    e2e_init: Literal["finetune", "scratch"] = field(default="finetune", metadata={
-        "help": "the e2e SAE starts from the given SAE's weights or from a fresh initialisation"})
+    e2e_init: Literal["finetune", "scratch"] = field(
+        default="finetune",
+        metadata={"help": "the e2e SAE starts from the given SAE's weights or from a fresh initialisation"},
+    )
 
     def lora(self) -> LoraTrainConfig:
         return LoraTrainConfig(**asdict(self.loop), rank=self.rank, layers=self.layers)
@@ -54,19 +58,34 @@ class CompareConfig:
 # `--preset paper`: the paper's run (rank 64, lr 5e-5, batch 1 x ctx 1024, 15M tokens, LoRA after the
 # SAE; for a GPU), by field path of CompareConfig; fields given on the command line win over it.
 PAPER_PRESET: dict[str, Any] = {
-    "rank": 64, "layers": "after", "loop.lr": 5e-5, "loop.ctx": 1024, "loop.batch_size": 1,
-    "loop.tokens": 15_000_000, "loop.max_steps": None, "loop.eval_every": 500,
-    "loop.eval_tokens": 1_000_000}
+    "rank": 64,
+    "layers": "after",
+    "loop.lr": 5e-5,
+    "loop.ctx": 1024,
+    "loop.batch_size": 1,
+    "loop.tokens": 15_000_000,
+    "loop.max_steps": None,
+    "loop.eval_every": 500,
+    "loop.eval_tokens": 1_000_000,
+}
 PRESETS = {"paper": PAPER_PRESET}
 
 
 def curve(metrics: dict) -> list[dict]:
     """Held-out CE of the trained, spliced model at 0 s, at every evaluation, and at the end."""
     points = [{"seconds": 0.0, "tokens": 0, "ce": metrics["start"]["heldout_ce"]}]
-    points += [{"seconds": h["seconds"], "tokens": h["tokens"], "ce": h["heldout_ce"]}
-               for h in metrics["history"] if "heldout_ce" in h]
-    points.append({"seconds": metrics["train"]["seconds"], "tokens": metrics["train"]["tokens"],
-                   "ce": metrics["final"]["heldout_ce"]})
+    points += [
+        {"seconds": h["seconds"], "tokens": h["tokens"], "ce": h["heldout_ce"]}
+        for h in metrics["history"]
+        if "heldout_ce" in h
+    ]
+    points.append(
+        {
+            "seconds": metrics["train"]["seconds"],
+            "tokens": metrics["train"]["tokens"],
+            "ce": metrics["final"]["heldout_ce"],
+        }
+    )
     return points
 
 
@@ -110,22 +129,38 @@ def summarise(cfg: CompareConfig, lora: dict, e2e: dict, sae_seconds: float | No
         "ce_clean": lora["start"]["ce_clean"],
         "ce_spliced": lora["start"]["ce_spliced"],
         "target_ce": target,
-        "lora": {"final_ce": lora["final"]["heldout_ce"], "gap_closed": lora["final"]["gap_closed"],
-                 "ce_adapted_clean": lora["final"]["ce_adapted_clean"], "train": lora["train"],
-                 "seconds_to_target": lora_s, "tokens_to_target": lora_t, "curve": lora_curve},
-        "e2e": {"init": cfg.e2e_init, "final_ce": target, "start_ce": e2e["start"]["heldout_ce"],
-                "l0": e2e["final"]["l0"], "explained_variance": e2e["final"]["explained_variance"],
-                "train": e2e["train"], "seconds_to_target": e2e_s, "tokens_to_target": e2e_t,
-                "curve": e2e_curve},
+        "lora": {
+            "final_ce": lora["final"]["heldout_ce"],
+            "gap_closed": lora["final"]["gap_closed"],
+            "ce_adapted_clean": lora["final"]["ce_adapted_clean"],
+            "train": lora["train"],
+            "seconds_to_target": lora_s,
+            "tokens_to_target": lora_t,
+            "curve": lora_curve,
+        },
+        "e2e": {
+            "init": cfg.e2e_init,
+            "final_ce": target,
+            "start_ce": e2e["start"]["heldout_ce"],
+            "l0": e2e["final"]["l0"],
+            "explained_variance": e2e["final"]["explained_variance"],
+            "train": e2e["train"],
+            "seconds_to_target": e2e_s,
+            "tokens_to_target": e2e_t,
+            "curve": e2e_curve,
+        },
         "speedup": _ratio(e2e_s, lora_s),
         "speedup_tokens": _ratio(e2e_t, lora_t),
         "sae_training_seconds": sae_seconds,
         "speedup_including_sae_training": _ratio(
-            e2e_s, None if lora_s is None or sae_seconds is None else lora_s + sae_seconds),
+            e2e_s, None if lora_s is None or sae_seconds is None else lora_s + sae_seconds
+        ),
     }
     if lora_s is None:
-        result["note"] = (f"LoRA-SAE did not reach the e2e CE {target:.4f} within its budget "
-                          f"(its best: {min(p['ce'] for p in lora_curve):.4f}); raise --max-steps")
+        result["note"] = (
+            f"LoRA-SAE did not reach the e2e CE {target:.4f} within its budget "
+            f"(its best: {min(p['ce'] for p in lora_curve):.4f}); raise --max-steps"
+        )
     return result
 
 

@@ -1,4 +1,4 @@
-"""`lorasae eval`: held-out CE gap and SAE quality for a model, one or several SAEs and an optional adapter."""
+"""`lorasae eval`: held-out CE gap and SAE quality for a model, several SAEs and an adapter."""
 
 from __future__ import annotations
 
@@ -28,9 +28,14 @@ from lorasae.training.train_sae import ensure_default_sae
 @dataclass
 class EvalConfig:
     model: str = model_field()
-    saes: list[str] = field(default_factory=list, metadata={
-        "flag": "--sae", "help": "sae-lens folder or release/sae_id; repeat to splice several at "
-        "once (default: the adapter's SAEs, else the embedded default SAE, trained on first use)"})
+    saes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--sae",
+            "help": "sae-lens folder or release/sae_id; repeat to splice several at "
+            "once (default: the adapter's SAEs, else the embedded default SAE, trained on first use)",
+        },
+    )
     adapter: str | None = field(default=None, metadata={"help": "peft adapter directory to evaluate"})
     tokens: int = field(default=16_384, metadata={"help": "held-out tokens to evaluate"})
     ctx: int = ctx_field()
@@ -71,10 +76,15 @@ def run_eval(cfg: EvalConfig) -> dict:
         manifest.check(ids["model_fingerprint"], saes)
     sequences = packed_sequences(lm.tokenizer, "heldout", cfg.tokens, cfg.ctx, cfg.corpus)
     model = lm.model if cfg.adapter is None else load_adapter(lm.model, cfg.adapter)
-    result = evaluate(model, saes, sequences, cfg.batch_size, cfg.keep_first,
-                      adapter=cfg.adapter is not None)
+    result = evaluate(model, saes, sequences, cfg.batch_size, cfg.keep_first, adapter=cfg.adapter is not None)
     for entry in result["saes"]:
         entry["fingerprint"] = ids["sae_fingerprints"][entry["id"]]
-    return {**result, "model": ids["model"], "model_fingerprint": ids["model_fingerprint"],
-            "adapter": cfg.adapter, "corpus": cfg.corpus, "ctx": cfg.ctx,
-            "seconds": round(time.time() - started, 1)}
+    return {
+        **result,
+        "model": ids["model"],
+        "model_fingerprint": ids["model_fingerprint"],
+        "adapter": cfg.adapter,
+        "corpus": cfg.corpus,
+        "ctx": cfg.ctx,
+        "seconds": round(time.time() - started, 1),
+    }

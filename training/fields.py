@@ -14,8 +14,10 @@ from lorasae.models import DEFAULT_MODEL
 
 
 def model_field() -> Any:
-    return field(default=DEFAULT_MODEL, metadata={
-        "help": "hub id, local HF dir or .gguf file (default: embedded SmolLM2-135M-Instruct)"})
+    return field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "hub id, local HF dir or .gguf file (default: embedded SmolLM2-135M-Instruct)"},
+    )
 
 
 def device_field() -> Any:
@@ -23,13 +25,14 @@ def device_field() -> Any:
 
 
 def dtype_field() -> Any:
-    return field(default=None, metadata={
-        "help": "float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)"})
+    return field(default=None, metadata={"help": "float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)"})
 
 
 def corpus_field() -> Any:
-    return field(default=DEFAULT_CORPUS, metadata={
-        "help": "text file/folder or HF dataset id (default: sotu + Wikipedia mix)"})
+    return field(
+        default=DEFAULT_CORPUS,
+        metadata={"help": "text file/folder or HF dataset id (default: sotu + Wikipedia mix)"},
+    )
 
 
 def ctx_field() -> Any:
@@ -38,6 +41,10 @@ def ctx_field() -> Any:
 
 def keep_first_field() -> Any:
     """``keep_first`` (True): position 0 keeps its clean activation; ``--splice-first`` clears it."""
-    return field(default=True, metadata={
-        "flag": "--splice-first",
-        "help": "also splice position 0 (BOS); by default it keeps its clean activation"})
+    return field(
+        default=True,
+        metadata={
+            "flag": "--splice-first",
+            "help": "also splice position 0 (BOS); by default it keeps its clean activation",
+        },
+    )

@@ -57,23 +57,35 @@ class LoopConfig:
     """Settings every KL-trained run shares; subclasses add what they train."""
 
     model: str = model_field()
-    saes: list[str] = field(default_factory=list, metadata={
-        "flag": "--sae", "help": "SAE to splice: sae-lens folder or release/sae_id (repeat for "
-                                 "several layers; default: the embedded default SAE)"})
+    saes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--sae",
+            "help": "SAE to splice: sae-lens folder or release/sae_id (repeat for "
+            "several layers; default: the embedded default SAE)",
+        },
+    )
     lr: float = field(default=5e-5, metadata={"help": "learning rate (AdamW, constant)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     ctx: int = ctx_field()
-    batch_size: int = field(default=8, metadata={
-        "help": "sequences per optimizer step (global, whatever the processes/accumulation)"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "sequences per optimizer step (global, whatever the processes/accumulation)"},
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    tokens: int = field(default=300_000, metadata={
-        "help": "training token budget (one pass over that many train-split tokens)"})
+    tokens: int = field(
+        default=300_000,
+        metadata={"help": "training token budget (one pass over that many train-split tokens)"},
+    )
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    max_minutes: float | None = field(default=None, metadata={
-        "help": "stop after this many minutes of training"})
-    eval_every: int = field(default=100, metadata={
-        "help": "steps between held-out CE evaluations (their time is not training time)"})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "stop after this many minutes of training"}
+    )
+    eval_every: int = field(
+        default=100,
+        metadata={"help": "steps between held-out CE evaluations (their time is not training time)"},
+    )
     eval_tokens: int = field(default=16_384, metadata={"help": "held-out tokens per evaluation"})
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints (--resume)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, data order and dropout"})
@@ -174,14 +186,21 @@ class RunState:
 
     def to_checkpoint(self, cfg: LoopConfig, weights: dict, optimizer: dict) -> dict:
         """The checkpoint's contents: this state, the settings, the trained weights, the optimizer."""
-        return {"config": asdict(cfg), "step": self.step, "elapsed": self.elapsed,
-                "history": self.history, "metrics": self.metrics, "weights": weights,
-                "optimizer": optimizer}
+        return {
+            "config": asdict(cfg),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "metrics": self.metrics,
+            "weights": weights,
+            "optimizer": optimizer,
+        }
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> RunState:
-        return cls(metrics=saved["metrics"], step=saved["step"], elapsed=saved["elapsed"],
-                   history=saved["history"])
+        return cls(
+            metrics=saved["metrics"], step=saved["step"], elapsed=saved["elapsed"], history=saved["history"]
+        )
 
 
 @dataclass
@@ -228,12 +247,17 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
     device = None if cfg.device is None else torch.device(cfg.device)
     use_cuda = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_cuda else "no",
-        cpu=not use_cuda, dataloader_config=DataLoaderConfiguration(split_batches=True))
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision="bf16" if use_cuda else "no",
+        cpu=not use_cuda,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
     micro = cfg.batch_size // cfg.grad_accum
     if micro % accelerator.num_processes:
-        raise LorasaeError(f"--batch-size/--grad-accum ({micro}) must be a multiple of the "
-                           f"{accelerator.num_processes} processes")
+        raise LorasaeError(
+            f"--batch-size/--grad-accum ({micro}) must be a multiple of the "
+            f"{accelerator.num_processes} processes"
+        )
 
     # Weights stay fp32 for training (bf16 autocast on CUDA comes from accelerate).
     lm = load_model(cfg.model, accelerator.device, cfg.dtype or "float32")
@@ -258,8 +282,20 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
         raise LorasaeError("the token budget gives no full optimizer step; raise --tokens")
 
     state = RunState.from_checkpoint(saved) if saved else RunState(metrics={"config": asdict(cfg)})
-    run = _Run(cfg, out, accelerator, objective, prepared, trainable, optimizer, train, heldout,
-               order, total_steps, state)
+    run = _Run(
+        cfg,
+        out,
+        accelerator,
+        objective,
+        prepared,
+        trainable,
+        optimizer,
+        train,
+        heldout,
+        order,
+        total_steps,
+        state,
+    )
     if run.main and "start" not in state.metrics:
         state.metrics["start"] = objective.evaluate(heldout)
         write_json_atomic(out / METRICS_FILE, state.metrics)
@@ -277,10 +313,11 @@ def _train_step(run: _Run) -> float:
     first = accelerator.process_index * per_process
     step_loss = 0.0
     for micro_index in range(run.state.step * cfg.grad_accum, (run.state.step + 1) * cfg.grad_accum):
-        rows = run.order[micro_index * micro:(micro_index + 1) * micro][first:first + per_process]
+        rows = run.order[micro_index * micro : (micro_index + 1) * micro][first : first + per_process]
         ids = run.train[rows].to(accelerator.device)
-        torch.manual_seed(cfg.seed * 1_000_003 + micro_index * accelerator.num_processes
-                          + accelerator.process_index)
+        torch.manual_seed(
+            cfg.seed * 1_000_003 + micro_index * accelerator.num_processes + accelerator.process_index
+        )
         with accelerator.accumulate(run.prepared), accelerator.autocast():
             loss = run.objective.loss(run.prepared, ids)
             accelerator.backward(loss)
@@ -298,8 +335,12 @@ def _record(run: _Run, train_kl: float) -> None:
     """The step's history entry; every ``eval_every`` steps (but the last, which ``_finish``
     evaluates in full) with the held-out CE, whose time does not count as training time."""
     state = run.state
-    entry = {"step": state.step, "tokens": state.step * run.tokens_per_step,
-             "seconds": round(state.elapsed, 2), "train_kl": train_kl}
+    entry = {
+        "step": state.step,
+        "tokens": state.step * run.tokens_per_step,
+        "seconds": round(state.elapsed, 2),
+        "train_kl": train_kl,
+    }
     if run.main and state.step % run.cfg.eval_every == 0 and state.step < run.total_steps:
         eval_started = time.time()
         entry["heldout_ce"] = run.objective.heldout_ce(run.heldout)
@@ -325,10 +366,14 @@ def _finish(run: _Run, stop_reason: str) -> dict:
     if run.main:
         tokens = state.step * run.tokens_per_step
         metrics["final"] = run.objective.evaluate(run.heldout)
-        metrics["train"] = {"steps": state.step, "tokens": tokens,
-                            "seconds": round(state.elapsed, 2), "stop_reason": stop_reason,
-                            "tokens_per_second": round(tokens / max(state.elapsed, 1e-9), 1),
-                            "processes": run.accelerator.num_processes}
+        metrics["train"] = {
+            "steps": state.step,
+            "tokens": tokens,
+            "seconds": round(state.elapsed, 2),
+            "stop_reason": stop_reason,
+            "tokens_per_second": round(tokens / max(state.elapsed, 1e-9), 1),
+            "processes": run.accelerator.num_processes,
+        }
         write_json_atomic(run.out / METRICS_FILE, metrics)
         plot_training(metrics, run.out / PLOT_FILE, run.objective.desc)
         run.objective.finish(run.out, metrics)
@@ -342,11 +387,13 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
     dict. Stops at the token budget, ``max_steps`` or ``max_minutes`` (``train.stop_reason``)."""
     run = _setup(cfg, build, Path(out), resume)
     state = run.state
-    stop_reason = "max steps" if cfg.max_steps is not None and run.total_steps == cfg.max_steps \
-        else "token budget"
+    stop_reason = (
+        "max steps" if cfg.max_steps is not None and run.total_steps == cfg.max_steps else "token budget"
+    )
     run.prepared.train()
-    bar = tqdm(total=run.total_steps, initial=state.step, desc=run.objective.desc, unit="step",
-               disable=not run.main)
+    bar = tqdm(
+        total=run.total_steps, initial=state.step, desc=run.objective.desc, unit="step", disable=not run.main
+    )
     running = None
     run.started = time.time() - state.elapsed
     while state.step < run.total_steps:

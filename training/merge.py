@@ -42,24 +42,34 @@ class MergeConfig:
     adapter: str = field(metadata={"help": "adapter directory (peft files + lorasae.json)"})
     out: str = field(metadata={"help": "new Hugging Face model directory"})
     model: str = model_field()
-    evaluate: bool = field(default=True, metadata={
-        "flag": "--no-eval", "help": "only merge; skip the before/after report"})
+    evaluate: bool = field(
+        default=True, metadata={"flag": "--no-eval", "help": "only merge; skip the before/after report"}
+    )
     eval_tokens: int = field(default=16_384, metadata={"help": "held-out tokens for the CE"})
     ctx: int = ctx_field()
     corpus: str = corpus_field()
     mc_items: int = field(default=300, metadata={"help": "items of the heldout-continuation-4way task"})
     mc_context: int = field(default=48, metadata={"help": "context tokens of a continuation item"})
     mc_choice: int = field(default=12, metadata={"help": "tokens of each candidate continuation"})
-    mc_file: str | None = field(default=None, metadata={
-        "help": 'JSONL multiple-choice task instead: {"context", "choices", "label"} per line'})
+    mc_file: str | None = field(
+        default=None,
+        metadata={"help": 'JSONL multiple-choice task instead: {"context", "choices", "label"} per line'},
+    )
     device: str | None = device_field()
-    dtype: str | None = field(default=None, metadata={
-        "help": "float32 / bfloat16 / float16: load, merge and save in this dtype (default: float32)"})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "float32 / bfloat16 / float16: load, merge and save in this dtype (default: float32)"
+        },
+    )
 
 
 def _downstream(model: torch.nn.Module, saes, sequences, items, pad: int) -> dict:
-    return {"ce": spliced_ce(model, [], sequences), "ce_spliced": spliced_ce(model, saes, sequences),
-            "mc": mc_accuracy(model, items, pad_id=pad)}
+    return {
+        "ce": spliced_ce(model, [], sequences),
+        "ce_spliced": spliced_ce(model, saes, sequences),
+        "mc": mc_accuracy(model, items, pad_id=pad),
+    }
 
 
 def run_merge(cfg: MergeConfig) -> dict:
@@ -71,15 +81,23 @@ def run_merge(cfg: MergeConfig) -> dict:
     lm = load_model(cfg.model, cfg.device, cfg.dtype or "float32")  # the saved model's dtype
     saes = resolve_saes(lm, [entry.id for entry in manifest.saes], cfg.model)
     manifest.check(model_fingerprint(lm.model), saes)
-    record: dict = {"adapter": str(cfg.adapter), "base_model": lm.model_id,
-                    "base_model_fingerprint": manifest.base_model_fingerprint,
-                    "saes": [asdict(e) for e in manifest.saes], "lora": manifest.lora,
-                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    record: dict = {
+        "adapter": str(cfg.adapter),
+        "base_model": lm.model_id,
+        "base_model_fingerprint": manifest.base_model_fingerprint,
+        "saes": [asdict(e) for e in manifest.saes],
+        "lora": manifest.lora,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     if cfg.evaluate:
         sequences = packed_sequences(lm.tokenizer, "heldout", cfg.eval_tokens, cfg.ctx, cfg.corpus)
-        items = (jsonl_items(cfg.mc_file, lm.tokenizer) if cfg.mc_file
-                 else continuation_items(lm.tokenizer, cfg.mc_items, cfg.mc_context, cfg.mc_choice,
-                                         corpus=cfg.corpus))
+        items = (
+            jsonl_items(cfg.mc_file, lm.tokenizer)
+            if cfg.mc_file
+            else continuation_items(
+                lm.tokenizer, cfg.mc_items, cfg.mc_context, cfg.mc_choice, corpus=cfg.corpus
+            )
+        )
         pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
         before = _downstream(lm.model, saes, sequences, items, pad)
 
@@ -92,11 +110,14 @@ def run_merge(cfg: MergeConfig) -> dict:
         if cfg.evaluate:
             after = _downstream(merged, saes, sequences, items, pad)
             record["downstream"] = {
-                "task": cfg.mc_file or TASK_NAME, "eval_tokens": int(sequences[:, 1:].numel()),
-                "before": before, "after": after,
+                "task": cfg.mc_file or TASK_NAME,
+                "eval_tokens": int(sequences[:, 1:].numel()),
+                "before": before,
+                "after": after,
                 "ce_delta": after["ce"] - before["ce"],
                 "ce_spliced_delta": after["ce_spliced"] - before["ce_spliced"],
-                "mc_accuracy_delta": after["mc"]["accuracy"] - before["mc"]["accuracy"]}
+                "mc_accuracy_delta": after["mc"]["accuracy"] - before["mc"]["accuracy"],
+            }
         record["seconds"] = round(time.time() - started, 1)
         write_json_atomic(tmp / MERGE_RECORD, record)
     return {"out": str(out), **record}

@@ -45,16 +45,25 @@ class SweepConfig:
 
     loop: LoopConfig = field(
         default_factory=lambda: cpu_loop(50, eval_every=10**9, eval_tokens=8192),
-        metadata={"flags": {"max_steps": "--steps", "saes": None, "tokens": None, "eval_every": None}})
-    sae: str | None = field(default=None, metadata={
-        "help": "base SAE (default model: the embedded default SAE)"})
-    sparsity_saes: list[str] = field(default_factory=list, metadata={
-        "flag": "--sparsity-sae",
-        "help": "SAEs of other L0 at the same layer (repeat; default model: TopK k16, k64)"})
-    layer_saes: list[str] = field(default_factory=list, metadata={
-        "flag": "--layer-sae", "help": "SAEs at other layers (repeat; default model: layer 8)"})
-    ranks: list[int] = field(default_factory=lambda: [1, 4, 16, 64], metadata={
-        "sep": ",", "help": "ranks of the rank sweep"})
+        metadata={"flags": {"max_steps": "--steps", "saes": None, "tokens": None, "eval_every": None}},
+    )
+    sae: str | None = field(
+        default=None, metadata={"help": "base SAE (default model: the embedded default SAE)"}
+    )
+    sparsity_saes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--sparsity-sae",
+            "help": "SAEs of other L0 at the same layer (repeat; default model: TopK k16, k64)",
+        },
+    )
+    layer_saes: list[str] = field(
+        default_factory=list,
+        metadata={"flag": "--layer-sae", "help": "SAEs at other layers (repeat; default model: layer 8)"},
+    )
+    ranks: list[int] = field(
+        default_factory=lambda: [1, 4, 16, 64], metadata={"sep": ",", "help": "ranks of the rank sweep"}
+    )
     rank: int = field(default=CPU_RANK, metadata={"help": "rank of the layers/sparsity/layer sweeps"})
     e2e_lr: float = field(default=5e-4, metadata={"help": "e2e SAE learning rate"})
     e2e: bool = field(default=True, metadata={"help": "skip the e2e SAEs of the Pareto plot"})
@@ -75,6 +84,7 @@ def default_saes(cfg: SweepConfig, only: set[str] | None = None, train: bool = T
         if cfg.sae is None:
             raise LorasaeError("--sae is required with a non-default --model")
         return cfg
+
     def wanted(sweep: str, given) -> bool:
         return not given and (only is None or sweep in only)
 
@@ -91,9 +101,12 @@ def default_saes(cfg: SweepConfig, only: set[str] | None = None, train: bool = T
         for c in missing:
             ensure_default_sae(lm, c)
     paths = {k: [str(c.default_dir()) for c in cs] for k, cs in needed.items()}
-    return replace(cfg, sae=paths["sae"][0] if "sae" in paths else cfg.sae,
-                   sparsity_saes=paths.get("sparsity_saes", cfg.sparsity_saes),
-                   layer_saes=paths.get("layer_saes", cfg.layer_saes))
+    return replace(
+        cfg,
+        sae=paths["sae"][0] if "sae" in paths else cfg.sae,
+        sparsity_saes=paths.get("sparsity_saes", cfg.sparsity_saes),
+        layer_saes=paths.get("layer_saes", cfg.layer_saes),
+    )
 
 
 def plan(cfg: SweepConfig) -> list[Run]:
@@ -110,8 +123,9 @@ def plan(cfg: SweepConfig) -> list[Run]:
             runs[key].sweeps.append(sweep)
             return
         name = f"lora-{sae_slug(sae)}-r{rank}" + ("" if layers == "after" else f"-{layers}")
-        runs[key] = Run(name, [sweep], "lora",
-                        LoraTrainConfig(**{**base, "saes": [sae]}, rank=rank, layers=layers))
+        runs[key] = Run(
+            name, [sweep], "lora", LoraTrainConfig(**{**base, "saes": [sae]}, rank=rank, layers=layers)
+        )
 
     for rank in cfg.ranks:
         lora("rank", base_sae, rank)
@@ -122,8 +136,12 @@ def plan(cfg: SweepConfig) -> list[Run]:
     for sae in [base_sae, *cfg.sparsity_saes]:
         lora("sparsity", sae, cfg.rank)
     for sae in [base_sae, *cfg.sparsity_saes] if cfg.e2e else []:  # the costliest runs last
-        runs[("e2e", sae)] = Run(f"e2e-{sae_slug(sae)}", ["sparsity"], "e2e",
-                                 E2eTrainConfig(**{**base, "saes": [sae], "lr": cfg.e2e_lr}))
+        runs[("e2e", sae)] = Run(
+            f"e2e-{sae_slug(sae)}",
+            ["sparsity"],
+            "e2e",
+            E2eTrainConfig(**{**base, "saes": [sae], "lr": cfg.e2e_lr}),
+        )
     return list(runs.values())
 
 
@@ -138,24 +156,40 @@ def row(run: Run, metrics: dict) -> dict:
     """One table row: what was swept and what it gave."""
     start, final = metrics["start"], metrics["final"]
     sae = final["saes"][0]
-    out = {"name": run.name, "sweeps": run.sweeps, "kind": run.kind, "sae": run.cfg.saes[0],
-           "layer": sae["layer"], "ce_clean": final["ce_clean"], "steps": metrics["train"]["steps"],
-           "seconds": metrics["train"]["seconds"]}
+    out = {
+        "name": run.name,
+        "sweeps": run.sweeps,
+        "kind": run.kind,
+        "sae": run.cfg.saes[0],
+        "layer": sae["layer"],
+        "ce_clean": final["ce_clean"],
+        "steps": metrics["train"]["steps"],
+        "seconds": metrics["train"]["seconds"],
+    }
     if run.kind == "lora":
-        out.update(rank=run.cfg.rank, layers=run.cfg.layers, l0=sae["l0"],
-                   ce_spliced=final["ce_spliced"], ce_adapted_spliced=final["ce_adapted_spliced"],
-                   gap_closed=final["gap_closed"], ce_adapted_clean=final["ce_adapted_clean"],
-                   explained_variance=sae["explained_variance"])
+        out.update(
+            rank=run.cfg.rank,
+            layers=run.cfg.layers,
+            l0=sae["l0"],
+            ce_spliced=final["ce_spliced"],
+            ce_adapted_spliced=final["ce_adapted_spliced"],
+            gap_closed=final["gap_closed"],
+            ce_adapted_clean=final["ce_adapted_clean"],
+            explained_variance=sae["explained_variance"],
+        )
     else:
-        out.update(l0=sae["l0"], ce_spliced_given=start["ce_spliced"], ce_e2e=final["ce_spliced"],
-                   gap_closed=(start["ce_spliced"] - final["ce_spliced"]) /
-                   (start["ce_spliced"] - start["ce_clean"]),
-                   explained_variance=sae["explained_variance"])
+        out.update(
+            l0=sae["l0"],
+            ce_spliced_given=start["ce_spliced"],
+            ce_e2e=final["ce_spliced"],
+            gap_closed=(start["ce_spliced"] - final["ce_spliced"])
+            / (start["ce_spliced"] - start["ce_clean"]),
+            explained_variance=sae["explained_variance"],
+        )
     return out
 
 
-def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None,
-              report: bool = False) -> dict:
+def run_sweep(cfg: SweepConfig, out: Path, only: set[str] | None = None, report: bool = False) -> dict:
     """Run (or reuse) the planned runs; with ``report`` train nothing: tabulate and plot the
     finished ones (e.g. while a long sweep is still going)."""
     cfg = default_saes(cfg, only, train=not report)
@@ -182,6 +216,8 @@ def format_table(rows: list[dict]) -> str:
         trained = r.get("ce_adapted_spliced", r.get("ce_e2e"))
         spliced = r.get("ce_spliced", r.get("ce_spliced_given"))
         alone = r.get("ce_adapted_clean")
-        lines.append(f"{r['name']:<44}{r['l0']:>7.1f}{spliced:>9.4f}{trained:>9.4f}"
-                     f"{r['gap_closed']:>12.1%}" + (f"{alone - r['ce_clean']:>+15.4f}" if alone else ""))
+        lines.append(
+            f"{r['name']:<44}{r['l0']:>7.1f}{spliced:>9.4f}{trained:>9.4f}"
+            f"{r['gap_closed']:>12.1%}" + (f"{alone - r['ce_clean']:>+15.4f}" if alone else "")
+        )
     return "\n".join(lines)

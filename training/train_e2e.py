@@ -39,15 +39,26 @@ DEFAULT_COEFFS = {"topk": None, "jumprelu": 0.01, "standard": 1e-3}
 class E2eTrainConfig(LoopConfig):
     """Every setting of an e2e SAE run; saved in metrics.json and beside the SAE."""
 
-    saes: list[str] = field(default_factory=list, metadata={
-        "flag": "--sae", "help": "the SAE whose architecture, width and sparsity to match (and the "
-                                 "start with --init finetune; default: the embedded default SAE)"})
+    saes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--sae",
+            "help": "the SAE whose architecture, width and sparsity to match (and the "
+            "start with --init finetune; default: the embedded default SAE)",
+        },
+    )
     lr: float = field(default=5e-4, metadata={"help": "learning rate of the SAE (AdamW, constant)"})
-    init: Literal["finetune", "scratch"] = field(default="finetune", metadata={
-        "help": "start from the given SAE's weights or from a fresh initialisation"})
-    sparsity_coeff: float | None = field(default=None, metadata={  # None: DEFAULT_COEFFS
-        "help": "L0 (JumpReLU) / L1 (standard) penalty; TopK needs none "
-                "(default: 0.01 JumpReLU around the given L0, 1e-3 L1)"})
+    init: Literal["finetune", "scratch"] = field(
+        default="finetune",
+        metadata={"help": "start from the given SAE's weights or from a fresh initialisation"},
+    )
+    sparsity_coeff: float | None = field(
+        default=None,
+        metadata={  # None: DEFAULT_COEFFS
+            "help": "L0 (JumpReLU) / L1 (standard) penalty; TopK needs none "
+            "(default: 0.01 JumpReLU around the given L0, 1e-3 L1)"
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -70,8 +81,12 @@ def trainable_sae(loaded: LoadedSAE, init: str, coeff: float | None, target_l0: 
     if arch == "topk":
         extra["rescale_acts_by_decoder_norm"] = False  # the inference TopK SAE's encoder, exactly
     elif arch == "jumprelu":
-        extra.update(l0_coefficient=coeff, jumprelu_sparsity_loss_mode="quadratic",
-                     target_l0=target_l0, pre_act_loss_coefficient=None)
+        extra.update(
+            l0_coefficient=coeff,
+            jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=target_l0,
+            pre_act_loss_coefficient=None,
+        )
     else:
         extra["l1_coefficient"] = coeff
     cfg_dict = {**sae.cfg.to_dict(), **extra}
@@ -105,14 +120,14 @@ class E2eObjective(Objective):
         if cfg.init == "scratch":
             with torch.no_grad():  # like `lorasae train-sae`: the decoder bias starts at the mean
                 self.sae.b_dec.copy_(self._sample_residuals().mean(0))
-        self.loaded = LoadedSAE(self.sae, f"e2e({self.given.sae_id})", self.given.hook_name,
-                                self.given.layer)
+        self.loaded = LoadedSAE(self.sae, f"e2e({self.given.sae_id})", self.given.hook_name, self.given.layer)
 
     def _sample_residuals(self) -> torch.Tensor:
         from lorasae.data import packed_sequences
 
-        ids = packed_sequences(self.lm.tokenizer, "train", 16 * self.cfg.ctx, self.cfg.ctx,
-                               self.cfg.corpus)[:16].to(self.lm.device)
+        ids = packed_sequences(self.lm.tokenizer, "train", 16 * self.cfg.ctx, self.cfg.ctx, self.cfg.corpus)[
+            :16
+        ].to(self.lm.device)
         acts = residual_at(self.lm.model, self.given.layer, ids)[:, 1:]
         return acts.reshape(-1, acts.shape[-1]).float()
 
@@ -125,14 +140,20 @@ class E2eObjective(Objective):
     def module(self) -> torch.nn.Module:
         return self.sae
 
-    def _sparsity(self, x: torch.Tensor, acts: torch.Tensor, hidden_pre: torch.Tensor,
-                  recon: torch.Tensor) -> torch.Tensor:
+    def _sparsity(
+        self, x: torch.Tensor, acts: torch.Tensor, hidden_pre: torch.Tensor, recon: torch.Tensor
+    ) -> torch.Tensor:
         from sae_lens.saes.sae import TrainStepInput
 
         if self.coeff is None:
             return x.new_zeros(())
-        step_input = TrainStepInput(sae_in=x, coefficients={"l0": self.coeff, "l1": self.coeff},
-                                    dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+        step_input = TrainStepInput(
+            sae_in=x,
+            coefficients={"l0": self.coeff, "l1": self.coeff},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
         losses = self.sae.calculate_aux_loss(step_input, acts, hidden_pre, recon)
         return sum(losses.values()) if isinstance(losses, dict) else losses
 
@@ -171,10 +192,15 @@ class E2eObjective(Objective):
 
     def finish(self, out: Path, metrics: dict) -> None:
         """The SAE in sae-lens format, its record, and ``cfg.json`` last (completion marker)."""
-        record = {"config": asdict(self.cfg), "given_sae": self.given.sae_id,
-                  "architecture": self.sae.cfg.architecture(), "sparsity_coeff": self.coeff,
-                  "target_l0": self.target_l0, "train": metrics["train"],
-                  "loss": "kl_clean_vs_spliced_token_mean + sparsity"}
+        record = {
+            "config": asdict(self.cfg),
+            "given_sae": self.given.sae_id,
+            "architecture": self.sae.cfg.architecture(),
+            "sparsity_coeff": self.coeff,
+            "target_l0": self.target_l0,
+            "train": metrics["train"],
+            "loss": "kl_clean_vs_spliced_token_mean + sparsity",
+        }
         with publish_dir(out, marker="cfg.json") as tmp:
             self.sae.save_inference_model(tmp)
             write_json_atomic(tmp / E2E_RECORD_FILE, record)

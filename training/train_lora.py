@@ -39,10 +39,14 @@ class LoraTrainConfig(LoopConfig):
     rank: int = field(default=64, metadata={"help": "LoRA rank"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale alpha / rank)"})
     dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
-    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES), metadata={
-        "sep": ",", "help": "comma list of the module names that get LoRA"})
-    layers: Literal["after", "all"] = field(default="after", metadata={
-        "help": "adapt only the layers after the first SAE (the paper's main runs) or all"})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(PAPER_TARGET_MODULES),
+        metadata={"sep": ",", "help": "comma list of the module names that get LoRA"},
+    )
+    layers: Literal["after", "all"] = field(
+        default="after",
+        metadata={"help": "adapt only the layers after the first SAE (the paper's main runs) or all"},
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -70,9 +74,14 @@ def wrap_with_lora(model: torch.nn.Module, cfg: LoraTrainConfig, saes: list[Load
     missing = [m for m in cfg.target_modules if m not in present]
     if missing:
         raise LorasaeError(f"target modules {missing} not found in the model; pass --target-modules")
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=list(cfg.target_modules), bias="none",
-                        layers_to_transform=lora_layers(cfg, saes, len(decoder_layers(model))))
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        layers_to_transform=lora_layers(cfg, saes, len(decoder_layers(model))),
+    )
     return get_peft_model(model, config)
 
 
@@ -106,8 +115,7 @@ class LoraObjective(Objective):
         return spliced_ce(self.peft_model, self.saes, sequences, keep_first=self.cfg.keep_first)
 
     def evaluate(self, sequences):
-        result = evaluate(self.peft_model, self.saes, sequences, keep_first=self.cfg.keep_first,
-                          adapter=True)
+        result = evaluate(self.peft_model, self.saes, sequences, keep_first=self.cfg.keep_first, adapter=True)
         return {**result, "heldout_ce": result["ce_adapted_spliced"]}
 
     def state_dict(self):
@@ -129,26 +137,61 @@ def train_lora(cfg: LoraTrainConfig, out: Path, resume: bool = False) -> dict:
     return run_loop(cfg, lambda lm, saes, _acc: LoraObjective(cfg, lm, saes), out, resume)
 
 
-def _finish(out: Path, peft_model, lm, saes: list[LoadedSAE], base_fingerprint: str,
-            cfg: LoraTrainConfig, metrics: dict) -> None:
+def _finish(
+    out: Path,
+    peft_model,
+    lm,
+    saes: list[LoadedSAE],
+    base_fingerprint: str,
+    cfg: LoraTrainConfig,
+    metrics: dict,
+) -> None:
     """Write the peft files, then the manifest last (its presence marks completion)."""
-    lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
-            "target_modules": cfg.target_modules, "layers": cfg.layers,
-            "layers_to_transform": lora_layers(cfg, saes, len(decoder_layers(lm.model)))}
+    lora = {
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "target_modules": cfg.target_modules,
+        "layers": cfg.layers,
+        "layers_to_transform": lora_layers(cfg, saes, len(decoder_layers(lm.model))),
+    }
     manifest = AdapterManifest(
-        base_model=lm.model_id, base_model_fingerprint=base_fingerprint,
-        saes=[SaeEntry.of(s) for s in saes], lora=lora,
-        training={**metrics["train"], "lr": cfg.lr, "batch_size": cfg.batch_size, "ctx": cfg.ctx,
-                  "seed": cfg.seed, "corpus": cfg.corpus, "loss": "kl_clean_vs_adapted_spliced_token_mean"},
-        eval_before=_headline(metrics["start"]), eval_after=_headline(metrics["final"]),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        base_model=lm.model_id,
+        base_model_fingerprint=base_fingerprint,
+        saes=[SaeEntry.of(s) for s in saes],
+        lora=lora,
+        training={
+            **metrics["train"],
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "ctx": cfg.ctx,
+            "seed": cfg.seed,
+            "corpus": cfg.corpus,
+            "loss": "kl_clean_vs_adapted_spliced_token_mean",
+        },
+        eval_before=_headline(metrics["start"]),
+        eval_after=_headline(metrics["final"]),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     with publish_dir(out, marker=MANIFEST_FILE) as tmp:
         peft_model.save_pretrained(tmp)
         manifest.save(tmp)
 
 
 def _headline(result: dict) -> dict:
-    keys = ("ce_clean", "ce_spliced", "ce_adapted_spliced", "ce_adapted_clean", "gap_closed",
-            "ce_gap", "kl_spliced", "kl_adapted_spliced", "tokens")
-    return {k: result[k] for k in keys if k in result and not (
-        isinstance(result[k], float) and math.isnan(result[k]))}
+    keys = (
+        "ce_clean",
+        "ce_spliced",
+        "ce_adapted_spliced",
+        "ce_adapted_clean",
+        "gap_closed",
+        "ce_gap",
+        "kl_spliced",
+        "kl_adapted_spliced",
+        "tokens",
+    )
+    return {
+        k: result[k]
+        for k in keys
+        if k in result and not (isinstance(result[k], float) and math.isnan(result[k]))
+    }

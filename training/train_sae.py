@@ -37,14 +37,16 @@ class SaeTrainingConfig:
     layer: int | None = field(default=None, metadata={"help": "decoder layer (default: middle)"})
     expansion: int = field(default=DEFAULT_SAE_EXPANSION, metadata={"help": "d_sae / d_model"})
     k: int = field(default=DEFAULT_SAE_K, metadata={"help": "active latents per token (TopK)"})
-    tokens: int = field(default=400_000, metadata={
-        "help": "training activations collected (BOS positions excluded)"})
+    tokens: int = field(
+        default=400_000, metadata={"help": "training activations collected (BOS positions excluded)"}
+    )
     ctx: int = ctx_field()
     epochs: int = field(default=2, metadata={"help": "passes over the collected activations"})
     batch_size: int = field(default=4096, metadata={"help": "activations per SAE optimizer step"})
     lr: float = field(default=4e-3, metadata={"help": "peak learning rate (cosine to a tenth)"})
-    dead_feature_window: int = field(default=40, metadata={
-        "help": "steps without firing before the auxiliary loss revives a latent"})
+    dead_feature_window: int = field(
+        default=40, metadata={"help": "steps without firing before the auxiliary loss revives a latent"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the SAE's initialisation and data order"})
     corpus: str = corpus_field()
 
@@ -59,13 +61,15 @@ class SaeTrainingConfig:
         return default_sae_dir(self.layer, self.k, self.expansion)
 
 
-def collect_activations(lm: LoadedModel, layer: int, sequences: torch.Tensor,
-                        batch_size: int = 16) -> torch.Tensor:
+def collect_activations(
+    lm: LoadedModel, layer: int, sequences: torch.Tensor, batch_size: int = 16
+) -> torch.Tensor:
     """Residual stream after ``layer`` for every non-BOS position, ``[N * (T-1), d_model]`` float32."""
     chunks = []
-    for start in tqdm(range(0, sequences.shape[0], batch_size), desc=f"collecting layer {layer}",
-                      unit="batch"):
-        ids = sequences[start:start + batch_size].to(lm.device)
+    for start in tqdm(
+        range(0, sequences.shape[0], batch_size), desc=f"collecting layer {layer}", unit="batch"
+    ):
+        ids = sequences[start : start + batch_size].to(lm.device)
         acts = residual_at(lm.model, layer, ids)[:, 1:]
         chunks.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
     return torch.cat(chunks)
@@ -76,7 +80,7 @@ def _epochs(acts: torch.Tensor, batch_size: int, generator: torch.Generator) -> 
     while True:
         order = torch.randperm(acts.shape[0], generator=generator)
         for start in range(0, acts.shape[0] - batch_size + 1, batch_size):
-            yield acts[order[start:start + batch_size]]
+            yield acts[order[start : start + batch_size]]
 
 
 def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
@@ -90,41 +94,62 @@ def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
     started = time.time()
     layer = cfg.resolved_layer(len(decoder_layers(lm.model)))
     d_model = hidden_size(lm.model)
-    sequences = packed_sequences(lm.tokenizer, "train", cfg.tokens * cfg.ctx // (cfg.ctx - 1),
-                                 cfg.ctx, cfg.corpus)
+    sequences = packed_sequences(
+        lm.tokenizer, "train", cfg.tokens * cfg.ctx // (cfg.ctx - 1), cfg.ctx, cfg.corpus
+    )
     acts = collect_activations(lm, layer, sequences)
     if acts.shape[0] < cfg.batch_size:
-        raise LorasaeError(f"collected {acts.shape[0]} activations, fewer than one batch of "
-                           f"{cfg.batch_size}: raise --tokens or lower --batch-size")
+        raise LorasaeError(
+            f"collected {acts.shape[0]} activations, fewer than one batch of "
+            f"{cfg.batch_size}: raise --tokens or lower --batch-size"
+        )
     collected = time.time()
     hook_name = f"blocks.{layer}.hook_resid_post"
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=d_model, d_sae=cfg.expansion * d_model, k=cfg.k, device=str(lm.device),
+        d_in=d_model,
+        d_sae=cfg.expansion * d_model,
+        k=cfg.k,
+        device=str(lm.device),
         normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(model_name=lm.model_id, hook_name=hook_name, context_size=cfg.ctx,
-                             prepend_bos=True, dataset_path=cfg.corpus),
+        metadata=SAEMetadata(
+            model_name=lm.model_id,
+            hook_name=hook_name,
+            context_size=cfg.ctx,
+            prepend_bos=True,
+            dataset_path=cfg.corpus,
+        ),
     )
     sae = TopKTrainingSAE(sae_cfg)
     with torch.no_grad():
         # Start the decoder bias at the data mean (in sae-lens's normalised units): with the zero
         # default, the residual stream's large shared mean makes the same few latents win TopK
         # everywhere and about half the latents die (measured: 2559 vs 213 dead of 4608 latents).
-        scale = d_model ** 0.5 / acts[:100_000].norm(dim=-1).mean()
+        scale = d_model**0.5 / acts[:100_000].norm(dim=-1).mean()
         sae.b_dec.copy_((acts.mean(0) * scale).to(sae.b_dec.device))
     n_samples = cfg.epochs * (acts.shape[0] // cfg.batch_size) * cfg.batch_size
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=n_samples, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
-        lr_scheduler_name="cosineannealing", lr_end=cfg.lr / 10, device=str(lm.device),
-        dead_feature_window=cfg.dead_feature_window, feature_sampling_window=10**9,
+        total_training_samples=n_samples,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_scheduler_name="cosineannealing",
+        lr_end=cfg.lr / 10,
+        device=str(lm.device),
+        dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=10**9,
         n_batches_for_norm_estimate=20,
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     trainer = SAETrainer(trainer_cfg, sae, _epochs(acts, cfg.batch_size, generator))
     trainer.fit()
-    record = {"config": asdict(cfg), "layer": layer, "hook_name": hook_name,
-              "model": lm.model_id, "activations": int(acts.shape[0]),
-              "seconds_collecting": round(collected - started, 1),
-              "seconds_training": round(time.time() - collected, 1)}
+    record = {
+        "config": asdict(cfg),
+        "layer": layer,
+        "hook_name": hook_name,
+        "model": lm.model_id,
+        "activations": int(acts.shape[0]),
+        "seconds_collecting": round(collected - started, 1),
+        "seconds_training": round(time.time() - collected, 1),
+    }
     with publish_dir(out, overwrite=True) as tmp:
         sae.save_inference_model(tmp)
         write_json_atomic(tmp / SAE_TRAINING_FILE, record)

@@ -20,10 +20,11 @@ import os
 import random
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -63,9 +64,15 @@ class _Request:
 class _Core:
     """Everything but the I/O: settings, request building, retry delays, response parsing."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
-                 max_backoff: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+    ) -> None:
         self.base_url = (base_url or os.environ.get("LORASAE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("LORASAE_API_KEY")
         self.timeout = timeout
@@ -85,27 +92,48 @@ class _Core:
     def _features(inputs, adapter, saes, top_k, logits, logits_top_k) -> _Request:
         if isinstance(inputs, tuple):
             inputs = list(inputs)
-        body = {"inputs": inputs, "adapter": adapter, "saes": list(saes) if saes is not None else None,
-                "top_k": top_k, "logits": logits, "logits_top_k": logits_top_k}
+        body = {
+            "inputs": inputs,
+            "adapter": adapter,
+            "saes": list(saes) if saes is not None else None,
+            "top_k": top_k,
+            "logits": logits,
+            "logits_top_k": logits_top_k,
+        }
         return _Request("POST", "/v1/features", json=body)
 
     @staticmethod
     def _register(name: str, path: str | None, upload: str | os.PathLike | bytes | None) -> _Request:
         if (path is None) == (upload is None):
-            raise ValueError("pass exactly one of path= (a folder under the server's adapter root) "
-                             "or upload= (a local adapter folder or archive)")
+            raise ValueError(
+                "pass exactly one of path= (a folder under the server's adapter root) "
+                "or upload= (a local adapter folder or archive)"
+            )
         if path is not None:
-            return _Request("POST", "/v1/adapters", json={"name": name, "path": str(path)},
-                            idempotent=False, expect=(201,), check=f"GET {_adapter_path(name)}")
+            return _Request(
+                "POST",
+                "/v1/adapters",
+                json={"name": name, "path": str(path)},
+                idempotent=False,
+                expect=(201,),
+                check=f"GET {_adapter_path(name)}",
+            )
         filename, content = _archive(upload)
-        return _Request("POST", "/v1/adapters", files={"file": (filename, content, "application/octet-stream")},
-                        data={"name": name}, idempotent=False, expect=(201,),
-                        check=f"GET {_adapter_path(name)}")
+        return _Request(
+            "POST",
+            "/v1/adapters",
+            files={"file": (filename, content, "application/octet-stream")},
+            data={"name": name},
+            idempotent=False,
+            expect=(201,),
+            check=f"GET {_adapter_path(name)}",
+        )
 
     # ------------------------------------------------------------ retries
 
-    def _should_retry(self, req: _Request, attempt: int,
-                      outcome: httpx.Response | httpx.TransportError) -> bool:
+    def _should_retry(
+        self, req: _Request, attempt: int, outcome: httpx.Response | httpx.TransportError
+    ) -> bool:
         """Whether to resend ``req`` after ``attempt`` (0 = the first try) ended in ``outcome``.
 
         A 429/503 answer is retried for every request (the server refused without acting). A
@@ -151,8 +179,10 @@ class _Core:
         else:
             cls, message = APIConnectionError, f"{req.method} {req.path} to {self.base_url} failed: {exc}"
         if not req.idempotent and not isinstance(exc, NOT_SENT_ERRORS):
-            message += ("; the request may have been carried out by the server and was not resent"
-                        f" - check with {req.check or 'the server'} before retrying")
+            message += (
+                "; the request may have been carried out by the server and was not resent"
+                f" - check with {req.check or 'the server'} before retrying"
+            )
         return cls(message)
 
     # ------------------------------------------------------------ responses
@@ -188,8 +218,8 @@ def _retry_after_seconds(value: str | None) -> float | None:
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:  # "-0000": UTC by RFC 5322
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
     return seconds if math.isfinite(seconds) else None
 
 
@@ -215,13 +245,20 @@ class LoraSaeClient(_Core):
     """Synchronous client. ``base_url`` defaults to ``$LORASAE_URL`` or http://127.0.0.1:8000 and
     ``api_key`` (needed for register/delete when the server has one) to ``$LORASAE_API_KEY``."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
-                 max_backoff: float = 10.0, http_client: httpx.Client | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        http_client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         super().__init__(base_url, api_key, timeout, max_retries, backoff, max_backoff)
-        self._http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout,
-                                                 transport=transport)
+        self._http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
         self._owns_http = http_client is None
 
     def _send(self, req: _Request) -> httpx.Response:
@@ -229,8 +266,14 @@ class LoraSaeClient(_Core):
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = self._http.request(req.method, req.path, json=req.json,
-                                             files=req.files, data=req.data, headers=self._headers())
+                outcome = self._http.request(
+                    req.method,
+                    req.path,
+                    json=req.json,
+                    files=req.files,
+                    data=req.data,
+                    headers=self._headers(),
+                )
             except httpx.TransportError as exc:
                 outcome = exc
             if not self._should_retry(req, attempt, outcome):
@@ -238,15 +281,23 @@ class LoraSaeClient(_Core):
             time.sleep(self._retry_delay(attempt, outcome))
             attempt += 1
 
-    def features(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], *,
-                 adapter: str | None = None, saes: Sequence[str] | None = None, top_k: int = 8,
-                 logits: str = "none", logits_top_k: int = 5) -> FeaturesResponse:
+    def features(
+        self,
+        inputs: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        adapter: str | None = None,
+        saes: Sequence[str] | None = None,
+        top_k: int = 8,
+        logits: str = "none",
+        logits_top_k: int = 5,
+    ) -> FeaturesResponse:
         """Per-token SAE features of ``inputs`` (a text, texts, or token-id lists)."""
         req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k)
         return self._parse(self._send(req), FeaturesResponse)
 
-    def register_adapter(self, name: str, path: str | None = None, *,
-                         upload: str | os.PathLike | bytes | None = None) -> AdapterInfo:
+    def register_adapter(
+        self, name: str, path: str | None = None, *, upload: str | os.PathLike | bytes | None = None
+    ) -> AdapterInfo:
         """Register ``path`` (a folder inside the server's adapter root) or ``upload`` (a local
         adapter folder, packed for you, or a .tar.gz/.tar/.zip archive) under ``name``."""
         return self._parse(self._send(self._register(name, path, upload)), AdapterInfo)
@@ -291,13 +342,22 @@ class LoraSaeClient(_Core):
 class AsyncLoraSaeClient(_Core):
     """The asyncio twin of ``LoraSaeClient`` (same arguments, awaitable methods)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25,
-                 max_backoff: float = 10.0, http_client: httpx.AsyncClient | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         super().__init__(base_url, api_key, timeout, max_retries, backoff, max_backoff)
-        self._http = http_client or httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
-                                                      transport=transport)
+        self._http = http_client or httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, transport=transport
+        )
         self._owns_http = http_client is None
 
     async def _send(self, req: _Request) -> httpx.Response:
@@ -305,8 +365,14 @@ class AsyncLoraSaeClient(_Core):
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = await self._http.request(req.method, req.path, json=req.json,
-                                                   files=req.files, data=req.data, headers=self._headers())
+                outcome = await self._http.request(
+                    req.method,
+                    req.path,
+                    json=req.json,
+                    files=req.files,
+                    data=req.data,
+                    headers=self._headers(),
+                )
             except httpx.TransportError as exc:
                 outcome = exc
             if not self._should_retry(req, attempt, outcome):
@@ -314,14 +380,22 @@ class AsyncLoraSaeClient(_Core):
             await asyncio.sleep(self._retry_delay(attempt, outcome))
             attempt += 1
 
-    async def features(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], *,
-                       adapter: str | None = None, saes: Sequence[str] | None = None,
-                       top_k: int = 8, logits: str = "none", logits_top_k: int = 5) -> FeaturesResponse:
+    async def features(
+        self,
+        inputs: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        adapter: str | None = None,
+        saes: Sequence[str] | None = None,
+        top_k: int = 8,
+        logits: str = "none",
+        logits_top_k: int = 5,
+    ) -> FeaturesResponse:
         req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k)
         return self._parse(await self._send(req), FeaturesResponse)
 
-    async def register_adapter(self, name: str, path: str | None = None, *,
-                               upload: str | os.PathLike | bytes | None = None) -> AdapterInfo:
+    async def register_adapter(
+        self, name: str, path: str | None = None, *, upload: str | os.PathLike | bytes | None = None
+    ) -> AdapterInfo:
         return self._parse(await self._send(self._register(name, path, upload)), AdapterInfo)
 
     async def list_adapters(self) -> list[AdapterInfo]:

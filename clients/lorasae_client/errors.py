@@ -28,8 +28,11 @@ class APIStatusError(LoraSaeError):
         self.response = response
 
     def __str__(self) -> str:
-        return f"{self.status_code} {self.code}: {self.message}" if self.code else \
-            f"{self.status_code}: {self.message}"
+        return (
+            f"{self.status_code} {self.code}: {self.message}"
+            if self.code
+            else f"{self.status_code}: {self.message}"
+        )
 
 
 class BadRequestError(APIStatusError):
@@ -68,9 +71,16 @@ class InternalServerError(APIStatusError):
     """5xx other than 503."""
 
 
-_BY_STATUS = {400: BadRequestError, 401: AuthenticationError, 404: NotFoundError,
-              409: ConflictError, 413: PayloadTooLargeError, 422: UnprocessableEntityError,
-              429: RateLimitError, 503: ServiceUnavailableError}
+_BY_STATUS = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
 
 
 def error_for_status(status: int) -> type[APIStatusError]:

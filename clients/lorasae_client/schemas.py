@@ -6,7 +6,7 @@ client parses responses into them. pydantic only, no torch.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -33,8 +33,9 @@ class FeaturesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: Union[StrictStr, list[StrictStr], list[list[StrictInt]]] = Field(
-        ..., description="text, list of texts, or list of token-id lists")
+    inputs: StrictStr | list[StrictStr] | list[list[StrictInt]] = Field(
+        ..., description="text, list of texts, or list of token-id lists"
+    )
     adapter: StrictStr | None = Field(None, description="registered adapter name; null = base model")
     saes: list[StrictStr] | None = Field(None, description="SAE ids / folder names / layers to splice")
     top_k: StrictInt = Field(8, ge=1, le=1024, description="latents reported per token and SAE")
@@ -130,10 +131,32 @@ class FeaturesResponse(_Model):
                 for sae_id, feats in tok.features.items():
                     err = tok.recon_error.get(sae_id)
                     for f in feats:
-                        rows.append((i, tok.position, tok.id, tok.text, tok.loss, sae_id,
-                                     layers.get(sae_id), f.index, f.activation, err))
-        columns = ["input", "position", "token_id", "token", "loss", "sae", "layer", "latent",
-                   "activation", "recon_error"]
+                        rows.append(
+                            (
+                                i,
+                                tok.position,
+                                tok.id,
+                                tok.text,
+                                tok.loss,
+                                sae_id,
+                                layers.get(sae_id),
+                                f.index,
+                                f.activation,
+                                err,
+                            )
+                        )
+        columns = [
+            "input",
+            "position",
+            "token_id",
+            "token",
+            "loss",
+            "sae",
+            "layer",
+            "latent",
+            "activation",
+            "recon_error",
+        ]
         return pd.DataFrame(rows, columns=columns)
 
 
@@ -146,8 +169,11 @@ class RegisterAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: StrictStr = Field(..., pattern=ADAPTER_NAME_PATTERN,
-                            description="letters, digits, '.', '_' or '-'; at most 64 characters")
+    name: StrictStr = Field(
+        ...,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="letters, digits, '.', '_' or '-'; at most 64 characters",
+    )
     path: StrictStr = Field(..., min_length=1, description="adapter folder, relative to the adapter root")
 
     @field_validator("name")

@@ -20,19 +20,34 @@ _REGISTER_BODY = {
         "required": True,
         "content": {
             "application/json": {"schema": RegisterAdapterRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["name", "file"],
-                "properties": {"name": {"type": "string"},
-                               "file": {"type": "string", "format": "binary",
-                                        "description": ".tar.gz, .tar or .zip of the adapter folder"}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "file"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".tar.gz, .tar or .zip of the adapter folder",
+                        },
+                    },
+                }
+            },
         },
     }
 }
 
 
-@router.post("/v1/adapters", status_code=status.HTTP_201_CREATED, response_model=AdapterInfo,
-             responses=_ERRORS, openapi_extra=_REGISTER_BODY, dependencies=[Depends(require_admin)],
-             summary="Register an adapter (JSON {name, path} or multipart {name, file})")
+@router.post(
+    "/v1/adapters",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AdapterInfo,
+    responses=_ERRORS,
+    openapi_extra=_REGISTER_BODY,
+    dependencies=[Depends(require_admin)],
+    summary="Register an adapter (JSON {name, path} or multipart {name, file})",
+)
 async def register_adapter(request: Request, svc: Service = Depends(ready_service)) -> AdapterInfo:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -53,7 +68,8 @@ async def _register_upload(request: Request, svc: Service) -> dict:
             raise ServiceError(422, "validation_error", "multipart upload needs a 'file' part (the archive)")
         try:
             name = RegisterAdapterRequest.model_validate(
-                {"name": form.get("name"), "path": upload.filename or "upload"}).name
+                {"name": form.get("name"), "path": upload.filename or "upload"}
+            ).name
         except ValidationError as exc:
             raise _validation_error(exc) from exc
         return await svc.registry.register_upload(name, upload.file, upload.filename or "")
@@ -74,9 +90,12 @@ async def get_adapter(name: str, svc: Service = Depends(ready_service)) -> Adapt
     return AdapterInfo(**svc.registry.get(name))
 
 
-@router.delete("/v1/adapters/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS,
-               dependencies=[Depends(require_admin)])
+@router.delete(
+    "/v1/adapters/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_ERRORS,
+    dependencies=[Depends(require_admin)],
+)
 async def delete_adapter(name: str, svc: Service = Depends(ready_service)) -> Response:
     await svc.registry.delete(name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-

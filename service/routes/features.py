@@ -21,8 +21,12 @@ router = APIRouter(tags=["features"])
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
 
 
-@router.post("/v1/features", response_model=FeaturesResponse, responses=_ERRORS,
-             summary="Per-token SAE features, losses and logits")
+@router.post(
+    "/v1/features",
+    response_model=FeaturesResponse,
+    responses=_ERRORS,
+    summary="Per-token SAE features, losses and logits",
+)
 async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) -> Response:
     engine, settings = svc.engine, svc.settings
     default_layers, generation = None, 0
@@ -33,9 +37,18 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
     layers = engine.select_layers(req.saes, default_layers)
     sequences = await input_sequences(req, engine, settings)
     check_response_size(req, sum(len(ids) for ids in sequences), len(layers), engine.vocab_size, settings)
-    rows = [Row(ids=list(ids), adapter=req.adapter, layers=layers, top_k=req.top_k,
-                logits=req.logits, logits_top_k=req.logits_top_k, generation=generation)
-            for ids in sequences]
+    rows = [
+        Row(
+            ids=list(ids),
+            adapter=req.adapter,
+            layers=layers,
+            top_k=req.top_k,
+            logits=req.logits,
+            logits_top_k=req.logits_top_k,
+            generation=generation,
+        )
+        for ids in sequences
+    ]
     outputs = await svc.batcher.submit(rows)
     # built off the event loop, so /healthz and other requests keep being answered meanwhile
     body = await run_in_threadpool(render_body, engine, req, layers, outputs)
@@ -48,8 +61,9 @@ async def input_sequences(req: FeaturesRequest, engine: Engine, settings: Settin
     or an id outside the vocabulary. Texts are tokenised off the event loop."""
     inputs = req.input_list()
     if len(inputs) > settings.max_inputs:
-        raise ServiceError(413, "too_many_inputs",
-                           f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}")
+        raise ServiceError(
+            413, "too_many_inputs", f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}"
+        )
     if isinstance(inputs[0], str):
         texts = cast("list[str]", inputs)  # all texts or all id lists (the schema)
         check_texts(texts, settings)
@@ -65,50 +79,70 @@ def check_texts(texts: list[str], settings: Settings) -> None:
     before tokenising) or carrying lone surrogates (422)."""
     longest = max(len(text) for text in texts)
     if longest > settings.max_tokens * 64:  # clearly over the token limit: do not even tokenise
-        raise ServiceError(413, "too_many_tokens", f"a text of {longest} characters is over the "
-                           f"limit of {settings.max_tokens} tokens")
+        raise ServiceError(
+            413,
+            "too_many_tokens",
+            f"a text of {longest} characters is over the limit of {settings.max_tokens} tokens",
+        )
     for i, text in enumerate(texts):
         try:  # JSON escapes (and raw bytes) can carry lone surrogates, which no tokenizer takes
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ServiceError(422, "validation_error", f"inputs.{i}: not valid Unicode text "
-                               f"({exc.reason} at character {exc.start})") from exc
+            raise ServiceError(
+                422,
+                "validation_error",
+                f"inputs.{i}: not valid Unicode text ({exc.reason} at character {exc.start})",
+            ) from exc
 
 
 def check_token_ids(sequences: list[list[int]], vocab_size: int, settings: Settings) -> None:
     """Each sequence at most ``max_tokens`` long (413) and every id in ``[0, vocab_size)`` (422)."""
     for i, ids in enumerate(sequences):
         if len(ids) > settings.max_tokens:
-            raise ServiceError(413, "too_many_tokens",
-                               f"input {i} has {len(ids)} tokens; the limit is {settings.max_tokens}")
+            raise ServiceError(
+                413, "too_many_tokens", f"input {i} has {len(ids)} tokens; the limit is {settings.max_tokens}"
+            )
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise ServiceError(422, "invalid_token_id",
-                               f"input {i}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+            raise ServiceError(
+                422,
+                "invalid_token_id",
+                f"input {i}: token id {bad} is outside the vocabulary [0, {vocab_size})",
+            )
 
 
-def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int,
-                        settings: Settings) -> None:
+def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int, settings: Settings) -> None:
     """Refuse (413) a request whose answer would exceed the documented bounds: per token
     ``top_k`` latents for each SAE plus ``logits_top_k`` logits (``max_response_entries`` in all),
     and with ``logits="full"`` a whole vocabulary row (``max_full_logits`` in all)."""
     if req.logits == "full" and tokens * vocab > settings.max_full_logits:
-        raise ServiceError(413, "too_many_logits",
-                           f"logits='full' for {tokens} tokens x {vocab} vocabulary entries "
-                           f"exceeds the limit of {settings.max_full_logits} values; use 'top_k'")
+        raise ServiceError(
+            413,
+            "too_many_logits",
+            f"logits='full' for {tokens} tokens x {vocab} vocabulary entries "
+            f"exceeds the limit of {settings.max_full_logits} values; use 'top_k'",
+        )
     per_token = req.top_k * saes + (req.logits_top_k if req.logits == "top_k" else 0)
     if tokens * per_token > settings.max_response_entries:
-        raise ServiceError(413, "response_too_large",
-                           f"{tokens} tokens x {per_token} entries (top_k x {saes} SAEs + logits) is "
-                           f"over the limit of {settings.max_response_entries} entries per request; "
-                           "send fewer tokens or a smaller top_k / logits_top_k")
+        raise ServiceError(
+            413,
+            "response_too_large",
+            f"{tokens} tokens x {per_token} entries (top_k x {saes} SAEs + logits) is "
+            f"over the limit of {settings.max_response_entries} entries per request; "
+            "send fewer tokens or a smaller top_k / logits_top_k",
+        )
 
 
-def render_body(engine: Engine, req: FeaturesRequest, layers: tuple[int, ...],
-                outputs: list[RowOutput]) -> str:
+def render_body(
+    engine: Engine, req: FeaturesRequest, layers: tuple[int, ...], outputs: list[RowOutput]
+) -> str:
     """The JSON answer (see ``lorasae_client.schemas.FeaturesResponse``)."""
-    body = {"model": engine.model_id, "adapter": req.adapter, "saes": engine.sae_info(layers),
-            "results": [{"tokens": render_tokens(engine, out)} for out in outputs]}
+    body = {
+        "model": engine.model_id,
+        "adapter": req.adapter,
+        "saes": engine.sae_info(layers),
+        "results": [{"tokens": render_tokens(engine, out)} for out in outputs],
+    }
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -120,15 +154,23 @@ def render_tokens(engine: Engine, out: RowOutput) -> list[dict]:
     for t, token_id in enumerate(out.ids):
         features = {}
         for layer, (indices, values) in out.features.items():
-            features[names[layer]] = [{"index": i, "activation": v}
-                                      for i, v in zip(indices[t], values[t]) if v != 0.0]
-        token = {"position": t, "id": token_id, "text": engine.piece(token_id),
-                 "loss": out.loss[t] if t < n - 1 else None, "features": features,
-                 "recon_error": {names[layer]: err[t] for layer, err in out.recon_error.items()}}
+            features[names[layer]] = [
+                {"index": i, "activation": v} for i, v in zip(indices[t], values[t]) if v != 0.0
+            ]
+        token = {
+            "position": t,
+            "id": token_id,
+            "text": engine.piece(token_id),
+            "loss": out.loss[t] if t < n - 1 else None,
+            "features": features,
+            "recon_error": {names[layer]: err[t] for layer, err in out.recon_error.items()},
+        }
         if out.top_logits is not None:
             ids, logits, logprobs = out.top_logits
-            token["top_logits"] = [{"id": i, "text": engine.piece(i), "logit": lg, "logprob": lp}
-                                   for i, lg, lp in zip(ids[t], logits[t], logprobs[t])]
+            token["top_logits"] = [
+                {"id": i, "text": engine.piece(i), "logit": lg, "logprob": lp}
+                for i, lg, lp in zip(ids[t], logits[t], logprobs[t])
+            ]
         if out.full_logits is not None:
             token["logits"] = out.full_logits[t]
         tokens.append(token)

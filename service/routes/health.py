@@ -22,11 +22,13 @@ async def healthz() -> HealthResponse:
 async def readyz(svc: Service = Depends(get_service)):
     if not svc.ready.is_set():
         body = HealthResponse(status="error" if svc.error else "loading", detail=svc.error)
-        return JSONResponse(body.model_dump(), status_code=503,
-                            headers={"Retry-After": str(svc.settings.retry_after_s)})
+        return JSONResponse(
+            body.model_dump(), status_code=503, headers={"Retry-After": str(svc.settings.retry_after_s)}
+        )
     engine = svc.engine
-    return HealthResponse(status="ready", model=engine.model_id, saes=engine.sae_info(),
-                          adapters=len(svc.registry.list()))
+    return HealthResponse(
+        status="ready", model=engine.model_id, saes=engine.sae_info(), adapters=len(svc.registry.list())
+    )
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)")
