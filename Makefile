@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml clients/pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,18 @@ install: $(STAMP)
 demo: install
 	$(BIN)/lorasae demo
 
-test: install
+# lint + format check and type checks of the shipped code (config in pyproject.toml); `make test` runs it
+LINTED := lorasae training service cli clients
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+	$(BIN)/mypy --strict clients/lorasae_client
+
+test: lint
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 
 .PHONY: load bench

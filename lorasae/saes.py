@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from torch import nn
 from lorasae.errors import LorasaeError
 from lorasae.models import DEFAULT_MODEL, DEFAULT_MODEL_SLUG, LoadedModel, decoder_layers, hidden_size
 from lorasae.paths import data_dir
+
+if TYPE_CHECKING:
+    from sae_lens import SAE  # imported where used at run time: sae-lens is slow to import
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
@@ -35,7 +39,7 @@ class LoadedSAE:
     ``layer`` is the index of the decoder layer whose output the SAE reads and replaces.
     """
 
-    sae: nn.Module
+    sae: SAE[Any]
     sae_id: str
     hook_name: str
     layer: int
@@ -118,7 +122,7 @@ def check_distinct_layers(saes: list[LoadedSAE]) -> None:
         raise LorasaeError(f"two SAEs hook the same layer ({layers}); splice one SAE per layer")
 
 
-def sae_fingerprint(sae: nn.Module) -> str:
+def sae_fingerprint(sae: SAE[Any]) -> str:
     """sha256 (shortened) of the SAE's weights as float32 plus its architecture and hook."""
     digest = hashlib.sha256()
     digest.update(f"{sae.cfg.architecture()}:{sae.cfg.metadata.hook_name}".encode())

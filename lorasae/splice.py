@@ -9,7 +9,7 @@ as Gemma Scope's evaluation and the reference code do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +88,7 @@ class Splice:
         self.keep_first = keep_first
         self.record = record
         self.records: dict[int, SpliceRecord] = {}
-        self._ctx = None
+        self._ctx: AbstractContextManager[None] | None = None
 
     def _reconstruct(self, loaded: LoadedSAE) -> Replacement:
         sae = loaded.sae
@@ -111,6 +111,7 @@ class Splice:
         return self
 
     def __exit__(self, *exc) -> None:
+        assert self._ctx is not None, "Splice.__exit__ without __enter__"
         self._ctx.__exit__(*exc)
         self._ctx = None
 

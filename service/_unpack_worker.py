@@ -24,7 +24,7 @@ import sys
 import tarfile
 import zipfile
 import zlib
-from typing import BinaryIO
+from typing import IO, Protocol, cast
 
 ADAPTER_FILES = ("lorasae.json", "adapter_config.json", "adapter_model.safetensors")
 MANIFEST = ADAPTER_FILES[0]
@@ -64,6 +64,12 @@ _READ_ERRORS = (
     LookupError,
     struct.error,
 )  # RuntimeError: RecursionError too
+
+
+class _Source(Protocol):
+    """What bytes are read from: the archive file, its gzip stream, a tar or zip member."""
+
+    def read(self, size: int, /) -> bytes: ...
 
 
 class Refusal(Exception):
@@ -125,7 +131,7 @@ class CountingReader:
     or skipped to the budget; a negative read or a backward seek (a negative member size,
     CVE-2025-8194) is an error instead of a loop."""
 
-    def __init__(self, raw: BinaryIO, budget: Budget) -> None:
+    def __init__(self, raw: _Source, budget: Budget) -> None:
         self._raw = raw
         self._budget = budget
         self._pos = 0
@@ -215,7 +221,7 @@ class Unpacker:
             self.manifest_folders.add(folder)
         return filename if len(parts) <= 2 and folder == self.folders[0] else None
 
-    def copy(self, filename: str, src: BinaryIO) -> None:
+    def copy(self, filename: str, src: _Source) -> None:
         """Write one adapter file flat into dest, charging what is read from ``src`` to the budget."""
         fd = os.open(
             filename,
@@ -262,8 +268,11 @@ class Unpacker:
                 pass
 
 
-def _tar(unpacker: Unpacker, stream: BinaryIO) -> None:
-    with tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape") as tf:
+def _tar(unpacker: Unpacker, stream: CountingReader) -> None:
+    # cast: typeshed's fileobj protocol also asks for write() and close(), which tarfile never calls
+    # on a caller's file object opened for reading ("r:"); CountingReader has read, tell and seek
+    fileobj = cast("IO[bytes]", stream)
+    with tarfile.open(fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape") as tf:
         for info in tf:
             if info.sparse is not None:
                 kind: str | None = "a sparse file"
@@ -274,7 +283,9 @@ def _tar(unpacker: Unpacker, stream: BinaryIO) -> None:
             else:
                 kind = _TAR_KINDS.get(info.type, f"of unsupported type {info.type!r}")
             if filename := unpacker.member(info.name, kind, info.size):
-                unpacker.copy(filename, tf.extractfile(info))
+                src = tf.extractfile(info)
+                assert src is not None, "member() accepts regular files only, which extractfile() opens"
+                unpacker.copy(filename, src)
 
 
 def _zip(unpacker: Unpacker, path: str) -> None:

@@ -26,7 +26,7 @@ log = logging.getLogger("lorasae.service")
 @dataclass
 class _Item:
     row: Row
-    future: asyncio.Future
+    future: asyncio.Future[RowOutput]
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -50,8 +50,8 @@ class Batcher:
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self._pending: deque[_Item] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None  # made by start(), with the task
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -60,7 +60,7 @@ class Batcher:
     def start(self) -> None:
         if self._task is None:
             self._wakeup = asyncio.Event()
-            self._task = asyncio.create_task(self._run(), name="lorasae-batcher")
+            self._task = asyncio.create_task(self._run(self._wakeup), name="lorasae-batcher")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -77,7 +77,8 @@ class Batcher:
 
     async def submit(self, rows: list[Row]) -> list[RowOutput]:
         """Queue ``rows`` (all or none) and wait for their results, in order."""
-        if self._task is None:
+        wakeup = self._wakeup
+        if self._task is None or wakeup is None:  # start() sets both, stop() clears the task
             raise ServiceError(
                 503, "not_ready", "the batcher is not running", {"Retry-After": str(self.retry_after_s)}
             )
@@ -101,7 +102,7 @@ class Batcher:
         items = [_Item(row, loop.create_future()) for row in rows]
         self._pending.extend(items)
         self._set_depth()
-        self._wakeup.set()
+        wakeup.set()
         try:
             results = await asyncio.gather(*(item.future for item in items))
         except BaseException:
@@ -129,7 +130,8 @@ class Batcher:
         if not self._pending:
             return []
         first = self._pending.popleft()
-        batch, width, keep = [first], len(first.row.ids), deque()
+        batch, width = [first], len(first.row.ids)
+        keep: deque[_Item] = deque()
         while self._pending:
             item = self._pending.popleft()
             if item.future.done():
@@ -148,20 +150,20 @@ class Batcher:
         key = self._pending[0].row.key
         return sum(1 for item in self._pending if item.row.key == key)
 
-    async def _run(self) -> None:
+    async def _run(self, wakeup: asyncio.Event) -> None:
         while True:
             if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             deadline = self._pending[0].enqueued + self.max_wait
             while self._ready_count() < self.max_batch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
+                wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(wakeup.wait(), remaining)
                 except TimeoutError:
                     break
                 if not self._pending:

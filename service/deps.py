@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from typing import NamedTuple
 
 from fastapi import Request
 
@@ -16,6 +17,14 @@ from .registry import Registry
 from .settings import Settings
 
 log = logging.getLogger("lorasae.service")
+
+
+class Loaded(NamedTuple):
+    """The parts of a ready service."""
+
+    engine: Engine
+    registry: Registry
+    batcher: Batcher
 
 
 class Service:
@@ -40,10 +49,12 @@ class Service:
             if self.engine is None:
                 log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
                 self.engine = await asyncio.to_thread(Engine.from_settings, s)
+            adapter_root, db_path = s.adapter_root, s.db_path
+            assert adapter_root is not None and db_path is not None, "Settings' validator fills both"
             self.registry = Registry(
                 self.engine,
-                s.adapter_root,
-                s.db_path,
+                adapter_root,
+                db_path,
                 max_upload_bytes=int(s.max_upload_mb * 2**20),
                 metrics=self.metrics,
                 unpack_timeout_s=s.unpack_timeout_s,
@@ -70,6 +81,13 @@ class Service:
             list(self.engine.names.values()),
             len(self.registry.list()),
         )
+
+    def loaded(self) -> Loaded:
+        """Engine, registry and batcher, for code that runs only once ``ready`` is set (routes
+        behind ``ready_service``): ``start`` sets it after all three exist, and nothing unsets them."""
+        engine, registry, batcher = self.engine, self.registry, self.batcher
+        assert engine is not None and registry is not None and batcher is not None, "service not ready"
+        return Loaded(engine, registry, batcher)
 
     async def stop(self) -> None:
         if self.batcher is not None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -36,6 +36,11 @@ from lorasae_client.schemas import BASE_ADAPTER
 from .adapter_config import read_lora_config
 from .errors import ServiceError, shown
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch.nn.modules.module import _IncompatibleKeys
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("lorasae.service")
 
@@ -103,16 +108,14 @@ class Engine:
             self.names = public_sae_names(self.saes)
         self.base = self.lm.model
         self.base.eval()
-        self.peft = None  # a peft.PeftModel once an adapter is loaded
+        self.peft: PeftModel | None = None  # once an adapter is loaded
         self.adapters: dict[str, _Slot] = {}
         self.model_fingerprint = model_fingerprint(self.base)
         # the plain model's module names, for checking which modules an adapter config targets
         self._module_names = tuple(name for name, _ in self.base.named_modules() if name)
         self.sae_fingerprints = {s.layer: sae_fingerprint(s.sae) for s in self.saes}
         config = unwrap(self.base).config
-        self.vocab_size = int(
-            getattr(config, "vocab_size", 0) or self.base.get_output_embeddings().weight.shape[0]
-        )
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or _output_rows(self.base))
         tok = self.lm.tokenizer
         self.bos = tok.bos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -187,12 +190,12 @@ class Engine:
         tok = self.lm.tokenizer
         if self._anchor is None:
             ids = tok("a", add_special_tokens=False)["input_ids"][:1]
-            self._anchor = (ids, tok.decode(ids) if ids else "")
+            self._anchor = (ids, _decode(tok, ids) if ids else "")
         anchor_ids, anchor_text = self._anchor
-        both = tok.decode(anchor_ids + [token_id]) if anchor_ids else ""
+        both = _decode(tok, anchor_ids + [token_id]) if anchor_ids else ""
         if anchor_text and both.startswith(anchor_text):
             return both[len(anchor_text) :]
-        return tok.decode([token_id])
+        return _decode(tok, [token_id])
 
     def select_layers(
         self, selectors: Sequence[str] | None, default: Sequence[int] | None = None
@@ -418,7 +421,11 @@ class Engine:
                 self.peft = PeftModel(self.base, config, adapter_name=name)
             else:
                 self.peft.add_adapter(name, config)
-            result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=name)
+            # cast: peft annotates the result as ``namedtuple``; it is torch's load_state_dict result
+            result = cast(
+                "_IncompatibleKeys",
+                set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=name),
+            )
             bad = [k for k in result.unexpected_keys if "lora_" in k]
             missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
             if bad or missing:
@@ -444,7 +451,7 @@ class Engine:
     def _drop(self, name: str) -> None:
         """Take adapter ``name`` out of the model, including whatever a failed ``add_adapter`` left
         half-made (peft wraps modules one by one and keeps those it wrapped before failing)."""
-        from peft.tuners.tuners_utils import delete_adapter
+        from peft.tuners.tuners_utils import BaseTuner, delete_adapter
 
         if self.peft is None:  # no adapter loaded, or building the first one's PeftModel failed
             _strip_peft_layers(self.base)
@@ -454,10 +461,26 @@ class Engine:
             if name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
             else:  # peft.add_adapter failed: it forgot the config but not the layers it made
-                delete_adapter(self.peft.base_model.model, name, self.peft.base_model.prefix)
+                # cast: peft infers base_model from the wrapped model; with a LoRA config it is the tuner
+                tuner = cast(BaseTuner, self.peft.base_model)
+                delete_adapter(tuner.model, name, tuner.prefix)
         if not self.peft.peft_config:  # no adapter left: back to the plain model
             self.base = self.peft.unload()
             self.peft = None
+
+
+def _decode(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The text of one id list. (cast: transformers types decode() for batches of id lists too,
+    as str | list[str]; one list of ids gives one str.)"""
+    return cast(str, tok.decode(ids))
+
+
+def _output_rows(model: torch.nn.Module) -> int:
+    """Rows of the output embedding matrix: the vocabulary size of a config that lacks one."""
+    # casts: nn.Module's __getattr__ is typed Tensor | Module; these are transformers'
+    # get_output_embeddings() method and the weight of the module it returns
+    get_output_embeddings = cast("Callable[[], torch.nn.Module]", model.get_output_embeddings)
+    return cast(torch.Tensor, get_output_embeddings().weight).shape[0]
 
 
 def is_mismatch(exc: BaseException) -> bool:

@@ -11,7 +11,7 @@ times out idle keep-alive connections).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypedDict
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -33,6 +33,13 @@ class _Refused(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.response = json_error(status, code, message)
+
+
+class _BodyState(TypedDict):
+    read: int  # body bytes received so far
+    done: bool  # the whole body is in
+    refused: _Refused | None  # the limit it broke, once it broke one
+    started: bool  # the app began its answer
 
 
 def _header(scope: dict, name: bytes) -> str:
@@ -105,7 +112,7 @@ class EdgeMiddleware:
         await self._guarded(scope, receive, send, limit)
 
     async def _guarded(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
-        state = {"read": 0, "done": False, "refused": None, "started": False}
+        state: _BodyState = {"read": 0, "done": False, "refused": None, "started": False}
 
         async def limited_receive() -> dict:
             if state["refused"] is not None:
@@ -115,16 +122,18 @@ class EdgeMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
             except TimeoutError:
-                state["refused"] = _Refused(
+                refusal = _Refused(
                     408, "request_timeout", f"the request body stalled for {self.body_timeout:g} s"
                 )
-                raise state["refused"] from None
+                state["refused"] = refusal
+                raise refusal from None
             if message["type"] == "http.request":
                 state["read"] += len(message.get("body", b""))
                 state["done"] = not message.get("more_body", False)
                 if state["read"] > limit:
-                    state["refused"] = _too_large(scope, limit)
-                    raise state["refused"]
+                    refusal = _too_large(scope, limit)
+                    state["refused"] = refusal
+                    raise refusal
             return message
 
         async def guarded_send(message: dict) -> None:

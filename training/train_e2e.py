@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -30,6 +30,9 @@ from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced
 from lorasae.saes import LoadedSAE
 from lorasae.splice import replace_outputs, residual_at
 from lorasae.training.loop import LoopConfig, Objective, run_loop
+
+if TYPE_CHECKING:
+    from sae_lens import TrainingSAE
 
 E2E_RECORD_FILE = "lorasae_e2e.json"
 DEFAULT_COEFFS = {"topk": None, "jumprelu": 0.01, "standard": 1e-3}
@@ -68,7 +71,9 @@ class E2eTrainConfig(LoopConfig):
             raise LorasaeError("train-e2e trains one SAE; pass one --sae")
 
 
-def trainable_sae(loaded: LoadedSAE, init: str, coeff: float | None, target_l0: float | None):
+def trainable_sae(
+    loaded: LoadedSAE, init: str, coeff: float | None, target_l0: float | None
+) -> TrainingSAE[Any]:
     """sae-lens's training SAE of ``loaded``'s architecture and shape, from its weights or fresh."""
     from sae_lens.registry import get_sae_training_class
 
@@ -154,10 +159,13 @@ class E2eObjective(Objective):
             n_training_steps=0,
             is_logging_step=False,
         )
-        losses = self.sae.calculate_aux_loss(step_input, acts, hidden_pre, recon)
-        return sum(losses.values()) if isinstance(losses, dict) else losses
+        losses: torch.Tensor | dict[str, torch.Tensor] = self.sae.calculate_aux_loss(
+            step_input, acts, hidden_pre, recon
+        )
+        # a tensor start keeps the sum a tensor for the type checker (0 + t is t, exactly)
+        return sum(losses.values(), x.new_zeros(())) if isinstance(losses, dict) else losses
 
-    def loss(self, prepared, ids):
+    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         model = self.lm.model
         with torch.no_grad():
             clean = next_token_logprobs(model, ids)
@@ -176,18 +184,18 @@ class E2eObjective(Objective):
             student = next_token_logprobs(model, ids)
         return kl_per_token(clean, student).mean() + penalty[0]
 
-    def heldout_ce(self, sequences):
+    def heldout_ce(self, sequences: torch.Tensor) -> float:
         return spliced_ce(self.lm.model, [self.loaded], sequences, keep_first=self.cfg.keep_first)
 
-    def evaluate(self, sequences):
+    def evaluate(self, sequences: torch.Tensor) -> dict:
         with torch.no_grad():
             result = evaluate(self.lm.model, [self.loaded], sequences, keep_first=self.cfg.keep_first)
         return {**result, "heldout_ce": result["ce_spliced"]}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.sae.load_state_dict(state)
 
     def finish(self, out: Path, metrics: dict) -> None:

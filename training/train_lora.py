@@ -76,7 +76,7 @@ def wrap_with_lora(model: torch.nn.Module, cfg: LoraTrainConfig, saes: list[Load
         raise LorasaeError(f"target modules {missing} not found in the model; pass --target-modules")
     config = LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; it is a float scale (alpha / r)
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",

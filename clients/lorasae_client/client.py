@@ -22,7 +22,7 @@ import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -54,8 +54,8 @@ class _Request:
     method: str
     path: str
     json: Any = None
-    files: dict | None = None
-    data: dict | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None  # name -> (filename, content, content type)
+    data: dict[str, str] | None = None
     idempotent: bool = True  # safe to resend after the server may have received it (see _should_retry)
     expect: tuple[int, ...] = field(default=(200,))
     check: str = ""  # for a non-idempotent request: how to find out whether it was carried out
@@ -89,7 +89,14 @@ class _Core:
     # ------------------------------------------------------------ request builders
 
     @staticmethod
-    def _features(inputs, adapter, saes, top_k, logits, logits_top_k) -> _Request:
+    def _features(
+        inputs: str | Sequence[str] | Sequence[Sequence[int]],
+        adapter: str | None,
+        saes: Sequence[str] | None,
+        top_k: int,
+        logits: str,
+        logits_top_k: int,
+    ) -> _Request:
         if isinstance(inputs, tuple):
             inputs = list(inputs)
         body = {
@@ -103,13 +110,13 @@ class _Core:
         return _Request("POST", "/v1/features", json=body)
 
     @staticmethod
-    def _register(name: str, path: str | None, upload: str | os.PathLike | bytes | None) -> _Request:
+    def _register(name: str, path: str | None, upload: str | os.PathLike[str] | bytes | None) -> _Request:
         if (path is None) == (upload is None):
             raise ValueError(
                 "pass exactly one of path= (a folder under the server's adapter root) "
                 "or upload= (a local adapter folder or archive)"
             )
-        if path is not None:
+        if upload is None:  # so path is set
             return _Request(
                 "POST",
                 "/v1/adapters",
@@ -172,6 +179,7 @@ class _Core:
     def _transport_error(self, req: _Request, exc: httpx.TransportError) -> APIConnectionError:
         """APITimeoutError / APIConnectionError for ``exc``; for a non-idempotent request that may
         have reached the server, the message says so and how to check."""
+        cls: type[APIConnectionError]
         if isinstance(exc, httpx.TimeoutException):
             cls, message = APITimeoutError, f"{req.method} {req.path} timed out: {exc}"
         elif isinstance(exc, NOT_SENT_ERRORS):
@@ -218,12 +226,12 @@ def _retry_after_seconds(value: str | None) -> float | None:
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:  # "-0000": UTC by RFC 5322
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
     return seconds if math.isfinite(seconds) else None
 
 
-def _archive(upload: str | os.PathLike | bytes) -> tuple[str, bytes]:
+def _archive(upload: str | os.PathLike[str] | bytes) -> tuple[str, bytes]:
     """(filename, bytes) for an upload: raw bytes, an archive file, or a folder packed as .tar.gz."""
     if isinstance(upload, (bytes, bytearray)):
         return "adapter.tar.gz", bytes(upload)
@@ -296,7 +304,7 @@ class LoraSaeClient(_Core):
         return self._parse(self._send(req), FeaturesResponse)
 
     def register_adapter(
-        self, name: str, path: str | None = None, *, upload: str | os.PathLike | bytes | None = None
+        self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
     ) -> AdapterInfo:
         """Register ``path`` (a folder inside the server's adapter root) or ``upload`` (a local
         adapter folder, packed for you, or a .tar.gz/.tar/.zip archive) under ``name``."""
@@ -335,7 +343,7 @@ class LoraSaeClient(_Core):
     def __enter__(self) -> LoraSaeClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -394,7 +402,7 @@ class AsyncLoraSaeClient(_Core):
         return self._parse(await self._send(req), FeaturesResponse)
 
     async def register_adapter(
-        self, name: str, path: str | None = None, *, upload: str | os.PathLike | bytes | None = None
+        self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
     ) -> AdapterInfo:
         return self._parse(await self._send(self._register(name, path, upload)), AdapterInfo)
 
@@ -417,5 +425,5 @@ class AsyncLoraSaeClient(_Core):
     async def __aenter__(self) -> AsyncLoraSaeClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
+
 
 class LoraSaeError(Exception):
     """Base class of every error the client raises."""
@@ -20,7 +25,9 @@ class APIStatusError(LoraSaeError):
 
     status_code: int = 0
 
-    def __init__(self, message: str, *, status_code: int, code: str = "", response=None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int, code: str = "", response: httpx.Response | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code

@@ -6,9 +6,12 @@ client parses responses into them. pydantic only, no torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LogitsMode = Literal["none", "top_k", "full"]
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch; reserved
@@ -44,7 +47,7 @@ class FeaturesRequest(BaseModel):
 
     @field_validator("inputs")
     @classmethod
-    def _not_empty(cls, value):
+    def _not_empty(cls, value: str | list[str] | list[list[int]]) -> str | list[str] | list[list[int]]:
         if isinstance(value, str):
             if not value.strip():
                 raise ValueError("empty text")
@@ -60,14 +63,16 @@ class FeaturesRequest(BaseModel):
 
     @field_validator("saes")
     @classmethod
-    def _saes_not_empty(cls, value):
+    def _saes_not_empty(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("empty list of SAEs (use null for the default)")
         return value
 
     def input_list(self) -> list[str] | list[list[int]]:
         """``inputs`` as a list (a single text becomes a one-item list)."""
-        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+        if isinstance(self.inputs, str):
+            return [self.inputs]
+        return self.inputs.copy()  # a new list, as list(); list() of the union would type as a join
 
 
 class FeatureEntry(_Model):
@@ -114,7 +119,7 @@ class FeaturesResponse(_Model):
     saes: list[SaeInfo]
     results: list[InputResult]
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         """One row per (input, token, SAE, latent): a long table for notebooks (needs pandas).
 
         Columns: input, position, token_id, token, loss, sae, layer, latent, activation, recon_error.
@@ -198,7 +203,7 @@ class AdapterInfo(_Model):
     created_at: str
     status: Literal["ready", "error"] = "ready"
     error: str | None = None
-    eval_after: dict | None = None
+    eval_after: dict[str, Any] | None = None
 
 
 class AdapterList(_Model):

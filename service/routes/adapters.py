@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import Response
 from pydantic import ValidationError
@@ -14,7 +16,9 @@ from ..errors import ServiceError
 
 router = APIRouter(tags=["adapters"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 422, 503)
+}
 _REGISTER_BODY = {
     "requestBody": {
         "required": True,
@@ -57,7 +61,7 @@ async def register_adapter(request: Request, svc: Service = Depends(ready_servic
         req = RegisterAdapterRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise _validation_error(exc) from exc
-    return AdapterInfo(**await svc.registry.register_path(req.name, req.path))
+    return AdapterInfo(**await svc.loaded().registry.register_path(req.name, req.path))
 
 
 async def _register_upload(request: Request, svc: Service) -> dict:
@@ -72,7 +76,7 @@ async def _register_upload(request: Request, svc: Service) -> dict:
             ).name
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        return await svc.registry.register_upload(name, upload.file, upload.filename or "")
+        return await svc.loaded().registry.register_upload(name, upload.file, upload.filename or "")
 
 
 def _validation_error(exc: ValidationError) -> ServiceError:
@@ -82,12 +86,12 @@ def _validation_error(exc: ValidationError) -> ServiceError:
 
 @router.get("/v1/adapters", response_model=AdapterList, responses=_ERRORS)
 async def list_adapters(svc: Service = Depends(ready_service)) -> AdapterList:
-    return AdapterList(adapters=[AdapterInfo(**info) for info in svc.registry.list()])
+    return AdapterList(adapters=[AdapterInfo(**info) for info in svc.loaded().registry.list()])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=_ERRORS)
 async def get_adapter(name: str, svc: Service = Depends(ready_service)) -> AdapterInfo:
-    return AdapterInfo(**svc.registry.get(name))
+    return AdapterInfo(**svc.loaded().registry.get(name))
 
 
 @router.delete(
@@ -97,5 +101,5 @@ async def get_adapter(name: str, svc: Service = Depends(ready_service)) -> Adapt
     dependencies=[Depends(require_admin)],
 )
 async def delete_adapter(name: str, svc: Service = Depends(ready_service)) -> Response:
-    await svc.registry.delete(name)
+    await svc.loaded().registry.delete(name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import cast
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -18,7 +18,9 @@ from ..settings import Settings
 
 router = APIRouter(tags=["features"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)
+}
 
 
 @router.post(
@@ -28,10 +30,11 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 
     summary="Per-token SAE features, losses and logits",
 )
 async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) -> Response:
-    engine, settings = svc.engine, svc.settings
+    engine, registry, batcher = svc.loaded()
+    settings = svc.settings
     default_layers, generation = None, 0
     if req.adapter is not None:
-        svc.registry.require_ready(req.adapter)
+        registry.require_ready(req.adapter)
         slot = engine.adapters[req.adapter]
         default_layers, generation = slot.layers, slot.generation
     layers = engine.select_layers(req.saes, default_layers)
@@ -49,7 +52,7 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
         )
         for ids in sequences
     ]
-    outputs = await svc.batcher.submit(rows)
+    outputs = await batcher.submit(rows)
     # built off the event loop, so /healthz and other requests keep being answered meanwhile
     body = await run_in_threadpool(render_body, engine, req, layers, outputs)
     return Response(body, media_type="application/json")
