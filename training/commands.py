@@ -21,17 +21,18 @@ from lorasae.errors import LorasaeError
 from lorasae.files import write_json_atomic
 from lorasae.models import DEFAULT_MODEL, load_model
 from lorasae.saes import load_sae
-from lorasae.training.compare import PRESETS, CompareConfig, run_compare
-from lorasae.training.demo import DemoConfig, run_demo
-from lorasae.training.eval import EvalConfig, run_eval
-from lorasae.training.fields import device_field, dtype_field, model_field
-from lorasae.training.loop import LoopConfig
-from lorasae.training.merge import MergeConfig, run_merge
-from lorasae.training.presets import steps_budget
-from lorasae.training.sweep import SweepConfig, format_table, run_sweep
-from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
-from lorasae.training.train_lora import LoraTrainConfig, train_lora
-from lorasae.training.train_sae import SaeTrainingConfig, train_sae
+
+from .compare import PRESETS, CompareConfig, run_compare
+from .demo import DemoConfig, run_demo
+from .eval import EvalConfig, run_eval
+from .fields import device_field, dtype_field, model_field
+from .loop import LoopConfig
+from .merge import MergeConfig, run_merge
+from .presets import steps_budget
+from .sweep import SweepConfig, format_table, run_sweep
+from .train_e2e import E2eTrainConfig, train_e2e
+from .train_lora import LoraTrainConfig, train_lora
+from .train_sae import SaeTrainingConfig, train_sae
 
 
 @dataclass

@@ -21,12 +21,13 @@ from typing import Any, Literal
 from lorasae.errors import LorasaeError
 from lorasae.files import write_json_atomic
 from lorasae.models import DEFAULT_MODEL
-from lorasae.training.loop import LoopConfig, reuse_or_train
-from lorasae.training.plots import plot_compare
-from lorasae.training.presets import CPU_RANK, cpu_loop
-from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
-from lorasae.training.train_lora import LoraTrainConfig, train_lora
-from lorasae.training.train_sae import ensure_default_sae
+
+from .loop import LoopConfig, reuse_or_train
+from .plots import plot_compare
+from .presets import CPU_RANK, cpu_loop
+from .train_e2e import E2eTrainConfig, train_e2e
+from .train_lora import AdaptedLayers, LoraTrainConfig, train_lora
+from .train_sae import ensure_default_sae
 
 COMPARE_FILE = "compare.json"
 COMPARE_PLOT = "compare.png"
@@ -38,7 +39,7 @@ class CompareConfig:
 
     loop: LoopConfig = field(default_factory=lambda: cpu_loop(150, eval_every=10, eval_tokens=8192))
     rank: int = field(default=CPU_RANK, metadata={"help": "LoRA rank"})
-    layers: Literal["after", "all"] = field(
+    layers: AdaptedLayers = field(
         default="after",
         metadata={"help": "adapt only the layers after the SAE (the paper's main runs) or all"},
     )
@@ -108,7 +109,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 def sae_training_seconds(sae_dir: str) -> float | None:
     """Wall time `lorasae train-sae` spent on the SAE (collecting + training), when it recorded it."""
-    from lorasae.training.train_sae import SAE_TRAINING_FILE
+    from .train_sae import SAE_TRAINING_FILE
 
     record = Path(sae_dir) / SAE_TRAINING_FILE
     if not record.is_file():

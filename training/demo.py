@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from lorasae.manifest import MANIFEST_FILE
 from lorasae.paths import data_dir
 from lorasae.saes import load_sae, sae_fingerprint
-from lorasae.training.loop import CHECKPOINT_DIR, METRICS_FILE
-from lorasae.training.presets import CPU_RANK, cpu_loop
-from lorasae.training.train_lora import LoraTrainConfig, train_lora
-from lorasae.training.train_sae import ensure_default_sae
+
+from .loop import CHECKPOINT_DIR, METRICS_FILE
+from .presets import CPU_RANK, cpu_loop
+from .train_lora import LoraTrainConfig, train_lora
+from .train_sae import ensure_default_sae
 
 
 @dataclass

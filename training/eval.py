@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,7 +15,8 @@ from lorasae.manifest import AdapterManifest
 from lorasae.metrics import evaluate
 from lorasae.models import LoadedModel, load_model, model_fingerprint
 from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
-from lorasae.training.fields import (
+
+from .fields import (
     corpus_field,
     ctx_field,
     device_field,
@@ -22,7 +24,10 @@ from lorasae.training.fields import (
     keep_first_field,
     model_field,
 )
-from lorasae.training.train_sae import ensure_default_sae
+from .train_sae import ensure_default_sae
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -54,7 +59,7 @@ def identities(lm: LoadedModel, saes: list[LoadedSAE]) -> dict:
     }
 
 
-def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
+def load_adapter(model: torch.nn.Module, path: str) -> PeftModel:
     """Wrap ``model`` with the peft adapter at ``path`` (inference only)."""
     from peft import PeftModel
 

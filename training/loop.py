@@ -32,7 +32,8 @@ from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic, write_json_atomic
 from lorasae.models import LoadedModel, load_model
 from lorasae.saes import LoadedSAE, resolve_saes
-from lorasae.training.fields import (
+
+from .fields import (
     corpus_field,
     ctx_field,
     device_field,
@@ -40,8 +41,8 @@ from lorasae.training.fields import (
     keep_first_field,
     model_field,
 )
-from lorasae.training.plots import plot_training
-from lorasae.training.train_sae import ensure_default_sae
+from .plots import plot_training
+from .train_sae import ensure_default_sae
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"

@@ -31,8 +31,9 @@ from lorasae.manifest import AdapterManifest
 from lorasae.metrics import spliced_ce
 from lorasae.models import load_model, model_fingerprint
 from lorasae.saes import resolve_saes
-from lorasae.training.eval import load_adapter
-from lorasae.training.fields import corpus_field, ctx_field, device_field, model_field
+
+from .eval import load_adapter
+from .fields import corpus_field, ctx_field, device_field, model_field
 
 MERGE_RECORD = "lorasae_merge.json"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from lorasae.training.loop import LoopConfig
+from .loop import LoopConfig
 
 CPU_RANK = 16
 CPU_LR = 1e-3

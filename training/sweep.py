@@ -28,12 +28,13 @@ from lorasae.errors import LorasaeError
 from lorasae.files import write_json_atomic
 from lorasae.models import DEFAULT_MODEL, load_model
 from lorasae.saes import SAE_CONFIG_FILE
-from lorasae.training.loop import LoopConfig, is_finished, reuse_or_train
-from lorasae.training.plots import plot_sweep
-from lorasae.training.presets import CPU_RANK, cpu_loop
-from lorasae.training.train_e2e import E2eTrainConfig, train_e2e
-from lorasae.training.train_lora import LoraTrainConfig, train_lora
-from lorasae.training.train_sae import SaeTrainingConfig, ensure_default_sae
+
+from .loop import LoopConfig, is_finished, reuse_or_train
+from .plots import plot_sweep
+from .presets import CPU_RANK, cpu_loop
+from .train_e2e import E2eTrainConfig, train_e2e
+from .train_lora import AdaptedLayers, LoraTrainConfig, train_lora
+from .train_sae import SaeTrainingConfig, ensure_default_sae
 
 SWEEP_FILE = "sweep.json"
 
@@ -117,7 +118,7 @@ def plan(cfg: SweepConfig) -> list[Run]:
     base_sae, base = cfg.sae, asdict(cfg.loop)
     runs: dict[tuple, Run] = {}
 
-    def lora(sweep: str, sae: str, rank: int, layers: str = "after") -> None:
+    def lora(sweep: str, sae: str, rank: int, layers: AdaptedLayers = "after") -> None:
         key = ("lora", sae, rank, layers)
         if key in runs:
             runs[key].sweeps.append(sweep)
@@ -166,7 +167,7 @@ def row(run: Run, metrics: dict) -> dict:
         "steps": metrics["train"]["steps"],
         "seconds": metrics["train"]["seconds"],
     }
-    if run.kind == "lora":
+    if isinstance(run.cfg, LoraTrainConfig):
         out.update(
             rank=run.cfg.rank,
             layers=run.cfg.layers,

@@ -29,7 +29,8 @@ from lorasae.files import publish_dir, write_json_atomic
 from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
 from lorasae.saes import LoadedSAE
 from lorasae.splice import replace_outputs, residual_at
-from lorasae.training.loop import LoopConfig, Objective, run_loop
+
+from .loop import LoopConfig, Objective, run_loop
 
 if TYPE_CHECKING:
     from sae_lens import TrainingSAE

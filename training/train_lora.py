@@ -27,9 +27,13 @@ from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced
 from lorasae.models import decoder_layers, model_fingerprint
 from lorasae.saes import LoadedSAE
 from lorasae.splice import Splice
-from lorasae.training.loop import LoopConfig, Objective, run_loop
+
+from .loop import LoopConfig, Objective, run_loop
 
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+AdaptedLayers = Literal["after", "all"]  # LoRA on the layers after the first SAE, or on all
 
 
 @dataclass
@@ -43,7 +47,7 @@ class LoraTrainConfig(LoopConfig):
         default_factory=lambda: list(PAPER_TARGET_MODULES),
         metadata={"sep": ",", "help": "comma list of the module names that get LoRA"},
     )
-    layers: Literal["after", "all"] = field(
+    layers: AdaptedLayers = field(
         default="after",
         metadata={"help": "adapt only the layers after the first SAE (the paper's main runs) or all"},
     )

@@ -25,7 +25,8 @@ from lorasae.files import publish_dir, write_json_atomic
 from lorasae.models import LoadedModel, decoder_layers, hidden_size, load_model
 from lorasae.saes import DEFAULT_SAE_EXPANSION, DEFAULT_SAE_K, SAE_CONFIG_FILE, default_sae_dir
 from lorasae.splice import residual_at
-from lorasae.training.fields import corpus_field, ctx_field
+
+from .fields import corpus_field, ctx_field
 
 SAE_TRAINING_FILE = "lorasae_sae_training.json"
 
