@@ -47,6 +47,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_archive import negative_size, raw_header
 from service_fixtures import REPO, ServerProcess, _free_port, world  # noqa: F401
 from test_load_fault import _tar_dir
 
@@ -396,30 +397,12 @@ def _adapter_members(world, prefix: str = "adapter/") -> list:
     return [_reg(prefix + name, data) for name, data in _adapter_files(world).items()]
 
 
-def _raw_header(name: bytes, size_field: bytes, typeflag: bytes = b"0") -> bytes:
-    """One ustar header block with any size field; the checksum fixed."""
-    block = bytearray(512)
-    block[0:len(name)] = name
-    block[100:108] = b"0000644\0"
-    block[108:116] = block[116:124] = b"0000000\0"
-    block[124:136] = size_field
-    block[136:148] = b"00000000000\0"
-    block[148:156] = b" " * 8
-    block[156:157] = typeflag
-    block[257:265] = b"ustar\x0000"
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-def _negative_size(n: int) -> bytes:
-    """A base-256 size field holding ``-n``."""
-    return b"\xff" + (256 ** 11 - n).to_bytes(11, "big")
 
 
 def _negative_size_tar(typeflag: bytes = b"0", gz: bool = True) -> bytes:
-    data = (_raw_header(b"adapter/README", b"00000000000\0")
-            + _raw_header(b"adapter/x", _negative_size(512), typeflag)
-            + _raw_header(b"adapter/lorasae.json", b"00000000000\0") + bytes(1024))
+    data = (raw_header(b"adapter/README", b"00000000000\0")
+            + raw_header(b"adapter/x", negative_size(512), typeflag)
+            + raw_header(b"adapter/lorasae.json", b"00000000000\0") + bytes(1024))
     return gzip.compress(data) if gz else data
 
 
