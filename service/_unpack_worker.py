@@ -286,6 +286,10 @@ def _tar(unpacker: Unpacker, stream: CountingReader) -> None:
                 src = tf.extractfile(info)
                 assert src is not None, "member() accepts regular files only, which extractfile() opens"
                 unpacker.copy(filename, src)
+        # read on to the end: the gzip trailer's CRC and length are checked only there, and a flipped
+        # byte in the copied files' compressed data must be refused, not installed (counted too)
+        while stream.read(1 << 20):
+            pass
 
 
 def _zip(unpacker: Unpacker, path: str) -> None:

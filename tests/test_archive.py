@@ -159,6 +159,27 @@ def test_tar_gz_with_adapter_folder(place):
     accepted(place, tar_bytes([folder("adapter"), *adapter_members()]))
 
 
+@pytest.mark.parametrize("at", [0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97])
+def test_corrupt_gzip_never_installs_changed_files(place, at):
+    """A byte flipped anywhere in a .tar.gz is refused: the gzip trailer's CRC is verified by
+    reading to the end, past the members that are copied (before, a flip after them, or one that
+    only changed the weights' bytes, installed the adapter)."""
+    readme = os.urandom(20_000).hex().encode()  # compressible bytes after the adapter files
+    data = tar_bytes([folder("adapter"), *adapter_members(), reg("adapter/README.md", readme)])
+    i = int(len(data) * at)
+    flipped = data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1:]
+    archive = place / "incoming" / "upload.bin"
+    archive.write_bytes(flipped)
+    dest = place / "incoming" / "unpacked"
+    try:
+        unpack_adapter(archive, dest, max_bytes=MAX)
+    except ServiceError as err:
+        assert err.status == 400 and err.code in ("invalid_archive", "invalid_adapter"), err.message
+        assert os.listdir(dest) == []
+        return
+    pytest.fail(f"a tar.gz with a byte flipped at {at:.0%} was accepted")
+
+
 def test_flat_plain_tar(place):
     accepted(place, tar_bytes(adapter_members(""), mode="w"))
 
