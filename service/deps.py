@@ -34,8 +34,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.owns_engine = engine is None  # loaded here: closed here
-        settings.check_safe()  # no unauthenticated admin API on a reachable address
-        self.api_key = settings.resolved_api_key()
+        self.api_key = settings.check_safe()  # no unauthenticated admin API on a reachable address
         self.metrics = Metrics()
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None

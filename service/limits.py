@@ -75,9 +75,6 @@ class EdgeMiddleware:
         self.max_upload = int(settings.max_upload_mb * 2**20) + UPLOAD_OVERHEAD
         self.body_timeout = settings.body_timeout_s
 
-    def limit_for(self, scope: dict) -> int:
-        return self.max_upload if _is_upload(scope) else self.max_body
-
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -96,7 +93,8 @@ class EdgeMiddleware:
                 "invalid_host",
                 "this server does not answer for that Host header (settings: allowed_hosts)",
             )(scope, receive, send)
-        if scope["method"] == "POST" and scope["path"] in JSON_ROUTES and not _is_upload(scope):
+        upload = _is_upload(scope)
+        if scope["method"] == "POST" and scope["path"] in JSON_ROUTES and not upload:
             media = _header(scope, b"content-type").partition(";")[0].strip().lower()
             if media != "application/json" and not (
                 media.startswith("application/") and media.endswith("+json")
@@ -105,7 +103,7 @@ class EdgeMiddleware:
                 return await json_error(
                     415, "unsupported_media_type", f"{what}: this route takes 'application/json'"
                 )(scope, receive, send)
-        limit = self.limit_for(scope)
+        limit = self.max_upload if upload else self.max_body
         length = _header(scope, b"content-length")
         if length.isdigit() and int(length) > limit:
             return await _too_large(scope, limit).response(scope, receive, send)

@@ -128,8 +128,9 @@ class Settings(BaseSettings):
             return self.allowed_hosts
         return ["localhost", "127.0.0.1", "::1", "*.localhost"] if self.is_loopback() else ["*"]
 
-    def check_safe(self) -> None:
-        """Refuse an unauthenticated admin API on a reachable address (and a bad key variable)."""
+    def check_safe(self) -> str | None:
+        """The admin key, after refusing an unauthenticated admin API on a reachable address (and
+        a key variable that is unset)."""
         key = self.resolved_api_key()
         if key is None and not self.is_loopback() and not self.insecure_no_auth:
             raise LorasaeError(
@@ -138,6 +139,7 @@ class Settings(BaseSettings):
                 "VAR (or LORASAE_API_KEY_ENV), bind 127.0.0.1, or pass "
                 "--insecure-no-auth"
             )
+        return key
 
     def resolved_api_key(self) -> str | None:
         """The admin key (never logged): from ``api_key`` or the env var named by ``api_key_env``."""
