@@ -23,6 +23,7 @@ from .fields import (
     dtype_field,
     keep_first_field,
     model_field,
+    saes_field,
 )
 from .train_sae import ensure_default_sae
 
@@ -33,13 +34,9 @@ if TYPE_CHECKING:
 @dataclass
 class EvalConfig:
     model: str = model_field()
-    saes: list[str] = field(
-        default_factory=list,
-        metadata={
-            "flag": "--sae",
-            "help": "sae-lens folder or release/sae_id; repeat to splice several at "
-            "once (default: the adapter's SAEs, else the embedded default SAE, trained on first use)",
-        },
+    saes: list[str] = saes_field(
+        "sae-lens folder or release/sae_id; repeat to splice several at "
+        "once (default: the adapter's SAEs, else the embedded default SAE, trained on first use)"
     )
     adapter: str | None = field(default=None, metadata={"help": "peft adapter directory to evaluate"})
     tokens: int = field(default=16_384, metadata={"help": "held-out tokens to evaluate"})

@@ -20,6 +20,11 @@ def model_field() -> Any:
     )
 
 
+def saes_field(help: str) -> Any:
+    """``saes``: SAE specs, one repeatable ``--sae`` flag; ``help`` says what they are for."""
+    return field(default_factory=list, metadata={"flag": "--sae", "help": help})
+
+
 def device_field() -> Any:
     return field(default=None, metadata={"help": "cuda / cpu (default: cuda if available)"})
 

@@ -40,6 +40,7 @@ from .fields import (
     dtype_field,
     keep_first_field,
     model_field,
+    saes_field,
 )
 from .plots import plot_training
 from .train_sae import ensure_default_sae
@@ -58,13 +59,9 @@ class LoopConfig:
     """Settings every KL-trained run shares; subclasses add what they train."""
 
     model: str = model_field()
-    saes: list[str] = field(
-        default_factory=list,
-        metadata={
-            "flag": "--sae",
-            "help": "SAE to splice: sae-lens folder or release/sae_id (repeat for "
-            "several layers; default: the embedded default SAE)",
-        },
+    saes: list[str] = saes_field(
+        "SAE to splice: sae-lens folder or release/sae_id (repeat for "
+        "several layers; default: the embedded default SAE)"
     )
     lr: float = field(default=5e-5, metadata={"help": "learning rate (AdamW, constant)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})

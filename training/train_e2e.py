@@ -30,6 +30,7 @@ from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced
 from lorasae.saes import LoadedSAE
 from lorasae.splice import replace_outputs, residual_at
 
+from .fields import saes_field
 from .loop import LoopConfig, Objective, run_loop
 
 if TYPE_CHECKING:
@@ -43,13 +44,9 @@ DEFAULT_COEFFS = {"topk": None, "jumprelu": 0.01, "standard": 1e-3}
 class E2eTrainConfig(LoopConfig):
     """Every setting of an e2e SAE run; saved in metrics.json and beside the SAE."""
 
-    saes: list[str] = field(
-        default_factory=list,
-        metadata={
-            "flag": "--sae",
-            "help": "the SAE whose architecture, width and sparsity to match (and the "
-            "start with --init finetune; default: the embedded default SAE)",
-        },
+    saes: list[str] = saes_field(
+        "the SAE whose architecture, width and sparsity to match (and the "
+        "start with --init finetune; default: the embedded default SAE)"
     )
     lr: float = field(default=5e-4, metadata={"help": "learning rate of the SAE (AdamW, constant)"})
     init: Literal["finetune", "scratch"] = field(
