@@ -7,10 +7,12 @@ around one SAE is meaningless around another).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
 from lorasae.errors import LorasaeError
@@ -18,6 +20,7 @@ from lorasae.files import write_json_atomic
 from lorasae.saes import LoadedSAE, sae_fingerprint
 
 MANIFEST_FILE = "lorasae.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's name
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few KB; bigger is not one
 _Text = Annotated[str, Field(max_length=4096)]
@@ -103,6 +106,28 @@ class AdapterManifest:
 
 
 _MANIFEST = TypeAdapter(AdapterManifest)
+
+
+def adapter_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 (shortened) of an adapter's LoRA weights as float32, keyed by name: the identity that
+    ties a dashboard made through an adapter to the adapter a server has registered (the names
+    as peft saves them, so a file read back and a state_dict in memory agree)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def adapter_file_fingerprint(directory: Path | str) -> str:
+    """``adapter_fingerprint`` of the weights file in an adapter folder."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / ADAPTER_WEIGHTS_FILE
+    try:
+        return adapter_fingerprint(load_file(str(path)))
+    except (OSError, ValueError) as exc:
+        raise LorasaeError(f"cannot read {path}: {exc}") from exc
 
 
 def _short(text: str, limit: int = 120) -> str:

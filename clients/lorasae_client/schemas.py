@@ -44,6 +44,11 @@ class FeaturesRequest(BaseModel):
     top_k: StrictInt = Field(8, ge=1, le=1024, description="latents reported per token and SAE")
     logits: LogitsMode = Field("none", description="none | top_k | full (next-token logits)")
     logits_top_k: StrictInt = Field(5, ge=1, le=1000, description="entries when logits = top_k")
+    latents: dict[StrictStr, list[StrictInt]] | None = Field(
+        None,
+        description="SAE id -> latent indices whose activation is returned at every token "
+        "(TokenResult.latents), whether or not they are among the top_k",
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -100,6 +105,9 @@ class TokenResult(_Model):
     recon_error: dict[str, float] = Field(default_factory=dict)
     top_logits: list[LogitEntry] | None = None
     logits: list[float] | None = None
+    latents: dict[str, dict[str, float]] | None = Field(
+        None, description="SAE id -> {latent index: activation} for the latents the request named"
+    )
 
 
 class InputResult(_Model):
@@ -125,10 +133,7 @@ class FeaturesResponse(_Model):
         Columns: input, position, token_id, token, loss, sae, layer, latent, activation, recon_error.
         Tokens with no active latent in an SAE give no row for that SAE.
         """
-        try:
-            import pandas as pd
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("to_pandas() needs pandas: pip install 'lorasae-client[pandas]'") from exc
+        pd = _pandas()
         layers = {s.id: s.layer for s in self.saes}
         rows = []
         for i, result in enumerate(self.results):
@@ -163,6 +168,148 @@ class FeaturesResponse(_Model):
             "recon_error",
         ]
         return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------ latent dashboards
+
+
+class TokenActivation(_Model):
+    """One token of a context window and the latent's activation there."""
+
+    id: int
+    text: str
+    activation: float
+
+
+class LatentContext(_Model):
+    """A window of a corpus sequence around a token where the latent fired.
+
+    ``sequence`` indexes the packed ``[BOS] + ctx-1`` sequences of the dashboard's corpus split;
+    ``position`` is the token (in that sequence) the context is about, ``tokens[position - start]``.
+    ``interval`` names the activation quantile band a sampled context was drawn from."""
+
+    sequence: int
+    position: int
+    activation: float
+    start: int
+    tokens: list[TokenActivation]
+    interval: str | None = None
+
+
+class TokenValue(_Model):
+    id: int
+    text: str
+    value: float
+
+
+class TokenEffects(_Model):
+    """Next tokens a latent promotes (largest positive values) and suppresses (most negative)."""
+
+    promoted: list[TokenValue]
+    suppressed: list[TokenValue]
+
+
+class CausalEffect(TokenEffects):
+    """Mean change of next-token log-probabilities over ``contexts`` top contexts when the latent
+    alone is removed from the reconstruction (sign flipped: what the latent *adds*)."""
+
+    contexts: int
+
+
+class Histogram(_Model):
+    """Counts per activation bin: ``counts[0]`` is ``(0, edges[0])``, ``counts[i]`` is
+    ``[edges[i-1], edges[i])``, the last is ``>= edges[-1]``."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+class DashboardInfo(_Model):
+    """Where a latent record comes from."""
+
+    adapter: str | None = None
+    corpus: str
+    split: str
+    tokens: int
+    ctx: int
+
+
+class LatentRecord(_Model):
+    """``GET /v1/saes/{sae}/latents/{index}``: what a latent fires on and what it does."""
+
+    sae: str
+    index: int
+    adapter: str | None = None
+    dashboard: DashboardInfo
+    dead: bool
+    fired: int
+    density: float
+    mean_activation: float
+    max_activation: float
+    histogram: Histogram
+    top_contexts: list[LatentContext]
+    quantile_contexts: list[LatentContext]
+    logit_lens: TokenEffects
+    causal_effect: CausalEffect
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per context (top, then quantile samples): kind, interval, sequence, position,
+        activation and the window's text with the context token in [[brackets]] (needs pandas)."""
+        pd = _pandas()
+        rows = []
+        for kind, contexts in (("top", self.top_contexts), ("quantile", self.quantile_contexts)):
+            for c in contexts:
+                center = c.position - c.start
+                text = "".join(f"[[{t.text}]]" if i == center else t.text for i, t in enumerate(c.tokens))
+                rows.append((kind, c.interval, c.sequence, c.position, c.activation, text))
+        columns = ["kind", "interval", "sequence", "position", "activation", "text"]
+        return pd.DataFrame(rows, columns=columns)
+
+
+class LatentSummary(_Model):
+    """One search hit: the latent and the evidence it was found by."""
+
+    index: int
+    density: float
+    max_activation: float
+    dead: bool
+    top_tokens: list[str] = Field(default_factory=list, description="tokens it fires on most")
+    promoted: list[str] = Field(default_factory=list, description="next tokens it promotes")
+    score: float | None = Field(None, description="text-match score (with q)")
+
+
+class LatentSearchResponse(_Model):
+    """``GET /v1/saes/{sae}/latents``: latents matching ``q`` (ranked) or listed by ``sort``."""
+
+    sae: str
+    adapter: str | None = None
+    total: int
+    latents: list[LatentSummary]
+
+    def to_pandas(self) -> pd.DataFrame:
+        pd = _pandas()
+        rows = [
+            (
+                h.index,
+                h.density,
+                h.max_activation,
+                h.dead,
+                " ".join(h.top_tokens),
+                " ".join(h.promoted),
+                h.score,
+            )
+            for h in self.latents
+        ]
+        columns = ["latent", "density", "max_activation", "dead", "top_tokens", "promoted", "score"]
+        return pd.DataFrame(rows, columns=columns)
+
+
+def _pandas() -> Any:
+    try:
+        import pandas as pd
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("to_pandas() needs pandas: pip install 'lorasae-client[pandas]'") from exc
+    return pd
 
 
 # ------------------------------------------------------------------ adapters
