@@ -180,3 +180,42 @@ def model_fingerprint(model: nn.Module, sample: int = 4096) -> str:
         digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+_NORM_PATHS = (
+    "model.norm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",
+)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last hidden state before the unembedding (Llama/Gemma/Qwen/GPT-2)."""
+    base = unwrap(model)
+    for path in _NORM_PATHS:
+        module: object = base
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise LorasaeError(f"cannot find the final norm of {type(base).__name__}")
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The unembedding (lm_head) module of a causal LM, plain or wrapped by peft."""
+    get = getattr(unwrap(model), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        raise LorasaeError(f"cannot find the output embeddings of {type(unwrap(model)).__name__}")
+    return head
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final-norm outputs (what ``output_head`` reads), with the model's final logit
+    soft-capping (Gemma 2) applied as its forward does."""
+    logits = output_head(model)(hidden).float()
+    cap = getattr(model_config(model), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

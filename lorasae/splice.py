@@ -19,6 +19,8 @@ from lorasae.models import decoder_layers
 from lorasae.saes import LoadedSAE, check_distinct_layers
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
+# Edits an SAE's latents before they are decoded: (layer of the SAE, latents [batch, seq, d_sae]) -> latents
+LatentEdit = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -77,16 +79,24 @@ class Splice:
     """Context manager that splices SAEs into a model; optionally records latents per SAE.
 
     ``with Splice(model, saes, record=True) as s: model(ids)`` then ``s.records[layer]``.
+    ``edit`` changes the latents before they are decoded (ablating or steering a latent); records
+    keep the latents as encoded.
     """
 
     def __init__(
-        self, model: nn.Module, saes: Sequence[LoadedSAE], keep_first: bool = True, record: bool = False
+        self,
+        model: nn.Module,
+        saes: Sequence[LoadedSAE],
+        keep_first: bool = True,
+        record: bool = False,
+        edit: LatentEdit | None = None,
     ) -> None:
         check_distinct_layers(list(saes))
         self.model = model
         self.saes = list(saes)
         self.keep_first = keep_first
         self.record = record
+        self.edit = edit
         self.records: dict[int, SpliceRecord] = {}
         self._ctx: AbstractContextManager[None] | None = None
 
@@ -96,7 +106,7 @@ class Splice:
         def fn(x: torch.Tensor) -> torch.Tensor:
             sae_in = x.to(sae.dtype)
             latents = sae.encode(sae_in)
-            recon = sae.decode(latents)
+            recon = sae.decode(latents if self.edit is None else self.edit(loaded.layer, latents))
             if self.record:
                 self.records[loaded.layer] = SpliceRecord(sae_in.detach(), latents.detach(), recon.detach())
             return recon
@@ -125,11 +135,11 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def residual_at(
-    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The output of decoder layer ``layer``; the forward stops there (~2x faster for middle layers)."""
+@contextmanager
+def stop_after(model: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
+    """While active, a forward of ``model`` ends after decoder layer ``layer`` (hooks registered
+    before this one, e.g. a splice, still run): call the model with ``run_until``. Yields the list
+    that receives that layer's output."""
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, _args: tuple, output):
@@ -138,9 +148,24 @@ def residual_at(
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    except _Stop:
-        pass
+        yield captured
     finally:
         handle.remove()
+
+
+def run_until(model: nn.Module, **inputs) -> None:
+    """Call ``model(**inputs)`` inside ``stop_after``: the early end is not an error."""
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+
+
+@torch.no_grad()
+def residual_at(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The output of decoder layer ``layer``; the forward stops there (~2x faster for middle layers)."""
+    with stop_after(model, layer) as captured:
+        run_until(model, input_ids=input_ids, attention_mask=attention_mask)
     return captured[0]

@@ -1,5 +1,5 @@
 """The training package's `lorasae` subcommands: eval, train-sae, train, train-e2e, compare, sweep,
-merge and demo.
+dashboards, merge and demo.
 
 Every flag is a field (``lorasae.cliargs``): of the config the command runs with, or of the small
 option classes below for what is not a run setting (where the result goes, ``--resume``,
@@ -23,6 +23,7 @@ from lorasae.models import DEFAULT_MODEL, load_model
 from lorasae.saes import load_sae
 
 from .compare import PRESETS, CompareConfig, run_compare
+from .dashboards import DashboardConfig, run_dashboards
 from .demo import DemoConfig, run_demo
 from .eval import EvalConfig, run_eval
 from .fields import device_field, dtype_field, model_field
@@ -79,6 +80,17 @@ class CompareOptions:
         },
     )
     out: str = field(default="lorasae-compare", metadata={"help": "folder for both runs, compare.json/.png"})
+
+
+@dataclass
+class DashboardOptions:
+    """Where `dashboards` writes, and whether it continues an interrupted run."""
+
+    out: str = field(
+        default="lorasae-dashboards",
+        metadata={"help": "folder for dashboards.json + one Parquet file per SAE (served with --dashboards)"},
+    )
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run in --out"})
 
 
 @dataclass
@@ -163,6 +175,13 @@ def sweep_command(args: argparse.Namespace) -> None:
     _print_json(result)
 
 
+def dashboards_command(args: argparse.Namespace) -> None:
+    opts = cliargs.build(DashboardOptions, args)
+    result = run_dashboards(cliargs.build(DashboardConfig, args), Path(opts.out), resume=opts.resume)
+    if result is not None:  # the main process (under accelerate launch the others return None)
+        _print_json(result)
+
+
 def merge_command(args: argparse.Namespace) -> None:
     _print_json(run_merge(cliargs.build(MergeConfig, args)))
 
@@ -221,6 +240,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         SweepConfig,
         SweepOptions,
         help="rank / adapted layers / sparsity / layer sweeps, Pareto plot",
+    )
+    add(
+        subparsers,
+        "dashboards",
+        dashboards_command,
+        DashboardConfig,
+        DashboardOptions,
+        help="per-latent dashboards (top contexts, histograms, logit lens, causal effect) as Parquet",
     )
     add(
         subparsers,
