@@ -22,13 +22,23 @@ from .errors import (
 )
 from .schemas import (
     AdapterInfo,
+    CausalEffect,
+    DashboardInfo,
     FeatureEntry,
     FeaturesRequest,
     FeaturesResponse,
     HealthResponse,
+    Histogram,
+    LatentContext,
+    LatentRecord,
+    LatentSearchResponse,
+    LatentSummary,
     LogitEntry,
     SaeInfo,
+    TokenActivation,
+    TokenEffects,
     TokenResult,
+    TokenValue,
 )
 
 __version__ = "0.1.0"
@@ -57,4 +67,14 @@ __all__ = [
     "LogitEntry",
     "SaeInfo",
     "TokenResult",
+    "LatentRecord",
+    "LatentSearchResponse",
+    "LatentSummary",
+    "LatentContext",
+    "DashboardInfo",
+    "Histogram",
+    "TokenActivation",
+    "TokenEffects",
+    "TokenValue",
+    "CausalEffect",
 ]

@@ -4,6 +4,12 @@
     with LoraSaeClient("http://127.0.0.1:8000") as client:
         df = client.features("The cat sat on the mat", adapter="a1", top_k=8).to_pandas()
 
+        # latent dashboards: one latent's record, a search over an SAE's latents, and chosen
+        # latents' activations at every token (``latents_frame()``: one row per token and latent)
+        record = client.latent("blocks.2", 123)  # .to_pandas(): its top and quantile contexts
+        hits = client.search_latents("blocks.2", "legal", limit=20).to_pandas()
+        acts = client.features("The cat sat", latents={"blocks.2": [123, 7]}).latents_frame()
+
 429 and 503 answers and transport failures are retried with exponential backoff, honouring the
 server's Retry-After (clamped to ``max_backoff``); see ``_Core._should_retry`` for which requests may be
 resent after which failure. Other errors raise the typed exceptions of ``lorasae_client.errors`` with
@@ -16,37 +22,76 @@ import asyncio
 import email.utils
 import io
 import math
+import operator
 import os
 import random
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
 from .errors import APIConnectionError, APITimeoutError, error_for_status
-from .schemas import AdapterInfo, AdapterList, FeaturesResponse, HealthResponse
+from .schemas import (
+    AdapterInfo,
+    AdapterList,
+    FeaturesResponse,
+    HealthResponse,
+    LatentRecord,
+    LatentSearchResponse,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = (429, 503)  # the server refused without acting: safe to resend any request
 # transport failures raised before the request reached the server: safe to resend any request
 NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 M = TypeVar("M", bound=BaseModel)
+LatentSort = Literal["max_activation", "density"]
+SortOrder = Literal["desc", "asc"]
+Params = dict[str, str | int | float]
+
+
+def _segment(value: str) -> str:
+    """``value`` quoted as one URL path segment (no '/', '#', '?' or '..' can leave it: an SAE id
+    such as 'release/sae_id' becomes 'release%2Fsae_id'); "." and ".." are percent-encoded too, as
+    URL normalisation would drop them."""
+    segment = quote(value, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return segment
 
 
 def _adapter_path(name: str) -> str:
-    """``/v1/adapters/{name}`` with ``name`` quoted as one path segment (no '/', '#', '?' or '..'
-    can leave it); "." and ".." are percent-encoded too, as URL normalisation would drop them."""
-    segment = quote(name, safe="")
-    if segment in (".", ".."):
-        segment = segment.replace(".", "%2E")
-    return f"/v1/adapters/{segment}"
+    """``/v1/adapters/{name}`` with ``name`` quoted as one path segment."""
+    return f"/v1/adapters/{_segment(name)}"
+
+
+def _latents_path(sae: str) -> str:
+    """``/v1/saes/{sae}/latents`` with ``sae`` quoted as one path segment."""
+    return f"/v1/saes/{_segment(sae)}/latents"
+
+
+def _index(value: int) -> int:
+    """A latent index as a plain int (numpy integers welcome; floats, bools and strings refused)."""
+    if isinstance(value, bool):
+        raise TypeError(f"a latent index must be an integer, not {value!r}")
+    return operator.index(value)
+
+
+def _params(**values: str | int | float | bool | None) -> Params:
+    """Query parameters without the ones that are None; booleans as 'true' / 'false'."""
+    params: Params = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        params[key] = ("true" if value else "false") if isinstance(value, bool) else value
+    return params
 
 
 @dataclass
@@ -56,6 +101,7 @@ class _Request:
     json: Any = None
     files: dict[str, tuple[str, bytes, str]] | None = None  # name -> (filename, content, content type)
     data: dict[str, str] | None = None
+    params: Params | None = None  # the query string
     idempotent: bool = True  # safe to resend after the server may have received it (see _should_retry)
     expect: tuple[int, ...] = field(default=(200,))
     check: str = ""  # for a non-idempotent request: how to find out whether it was carried out
@@ -96,10 +142,11 @@ class _Core:
         top_k: int,
         logits: str,
         logits_top_k: int,
+        latents: Mapping[str, Sequence[int]] | None = None,
     ) -> _Request:
         if isinstance(inputs, tuple):
             inputs = list(inputs)
-        body = {
+        body: dict[str, Any] = {
             "inputs": inputs,
             "adapter": adapter,
             "saes": list(saes) if saes is not None else None,
@@ -107,7 +154,38 @@ class _Core:
             "logits": logits,
             "logits_top_k": logits_top_k,
         }
+        if latents is not None:  # left out otherwise: a server without latents= accepts the request
+            body["latents"] = {sae: [_index(i) for i in indices] for sae, indices in latents.items()}
         return _Request("POST", "/v1/features", json=body)
+
+    @staticmethod
+    def _latent(sae: str, index: int, adapter: str | None) -> _Request:
+        path = f"{_latents_path(sae)}/{_index(index)}"
+        return _Request("GET", path, params=_params(adapter=adapter) or None)
+
+    @staticmethod
+    def _search_latents(
+        sae: str,
+        q: str | None,
+        sort: LatentSort,
+        order: SortOrder,
+        min_density: float | None,
+        max_density: float | None,
+        include_dead: bool,
+        limit: int,
+        adapter: str | None,
+    ) -> _Request:
+        params = _params(
+            q=q,
+            sort=sort,
+            order=order,
+            min_density=min_density,
+            max_density=max_density,
+            include_dead=include_dead,
+            limit=limit,
+            adapter=adapter,
+        )
+        return _Request("GET", _latents_path(sae), params=params)
 
     @staticmethod
     def _register(name: str, path: str | None, upload: str | os.PathLike[str] | bytes | None) -> _Request:
@@ -280,6 +358,7 @@ class LoraSaeClient(_Core):
                     json=req.json,
                     files=req.files,
                     data=req.data,
+                    params=req.params,
                     headers=self._headers(),
                 )
             except httpx.TransportError as exc:
@@ -298,10 +377,41 @@ class LoraSaeClient(_Core):
         top_k: int = 8,
         logits: str = "none",
         logits_top_k: int = 5,
+        latents: Mapping[str, Sequence[int]] | None = None,
     ) -> FeaturesResponse:
-        """Per-token SAE features of ``inputs`` (a text, texts, or token-id lists)."""
-        req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k)
+        """Per-token SAE features of ``inputs`` (a text, texts, or token-id lists).
+
+        ``latents`` ({SAE id: [latent indices]}) also returns those latents' activations at every
+        token, top-k or not: ``TokenResult.latents``, or as a table ``latents_frame()``."""
+        req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k, latents)
         return self._parse(self._send(req), FeaturesResponse)
+
+    def latent(self, sae: str, index: int, adapter: str | None = None) -> LatentRecord:
+        """The dashboard record of latent ``index`` of SAE ``sae`` (with ``adapter``: the one
+        computed with that adapter applied). ``.to_pandas()`` lists its contexts. Raises
+        NotFoundError (``code``: unknown_sae, unknown_latent, no_dashboard or unknown_adapter)."""
+        return self._parse(self._send(self._latent(sae, index, adapter)), LatentRecord)
+
+    def search_latents(
+        self,
+        sae: str,
+        q: str | None = None,
+        *,
+        sort: LatentSort = "max_activation",
+        order: SortOrder = "desc",
+        min_density: float | None = None,
+        max_density: float | None = None,
+        include_dead: bool = False,
+        limit: int = 50,
+        adapter: str | None = None,
+    ) -> LatentSearchResponse:
+        """Latents of SAE ``sae`` matching the text ``q`` (ranked by match score), or without ``q``
+        listed by ``sort`` in ``order``; filtered by density, dead latents left out unless
+        ``include_dead``; at most ``limit``. ``.to_pandas()``: one row per latent."""
+        req = self._search_latents(
+            sae, q, sort, order, min_density, max_density, include_dead, limit, adapter
+        )
+        return self._parse(self._send(req), LatentSearchResponse)
 
     def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
@@ -379,6 +489,7 @@ class AsyncLoraSaeClient(_Core):
                     json=req.json,
                     files=req.files,
                     data=req.data,
+                    params=req.params,
                     headers=self._headers(),
                 )
             except httpx.TransportError as exc:
@@ -397,9 +508,31 @@ class AsyncLoraSaeClient(_Core):
         top_k: int = 8,
         logits: str = "none",
         logits_top_k: int = 5,
+        latents: Mapping[str, Sequence[int]] | None = None,
     ) -> FeaturesResponse:
-        req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k)
+        req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k, latents)
         return self._parse(await self._send(req), FeaturesResponse)
+
+    async def latent(self, sae: str, index: int, adapter: str | None = None) -> LatentRecord:
+        return self._parse(await self._send(self._latent(sae, index, adapter)), LatentRecord)
+
+    async def search_latents(
+        self,
+        sae: str,
+        q: str | None = None,
+        *,
+        sort: LatentSort = "max_activation",
+        order: SortOrder = "desc",
+        min_density: float | None = None,
+        max_density: float | None = None,
+        include_dead: bool = False,
+        limit: int = 50,
+        adapter: str | None = None,
+    ) -> LatentSearchResponse:
+        req = self._search_latents(
+            sae, q, sort, order, min_density, max_density, include_dead, limit, adapter
+        )
+        return self._parse(await self._send(req), LatentSearchResponse)
 
     async def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None

@@ -131,7 +131,8 @@ class FeaturesResponse(_Model):
         """One row per (input, token, SAE, latent): a long table for notebooks (needs pandas).
 
         Columns: input, position, token_id, token, loss, sae, layer, latent, activation, recon_error.
-        Tokens with no active latent in an SAE give no row for that SAE.
+        Tokens with no active latent in an SAE give no row for that SAE. The latents a request
+        named with ``latents=`` are in ``latents_frame()``.
         """
         pd = _pandas()
         layers = {s.id: s.layer for s in self.saes}
@@ -168,6 +169,28 @@ class FeaturesResponse(_Model):
             "recon_error",
         ]
         return pd.DataFrame(rows, columns=columns)
+
+    def latents_frame(self) -> pd.DataFrame:
+        """The activations of the latents the request named (``features(..., latents={sae: [...]})``)
+        as a long table, one row per (input, token, SAE, latent), zeros included (needs pandas).
+
+        Columns: input, position, token_id, token, sae, layer, latent, activation; rows in input,
+        token, then response order. Empty (same columns) when the request named no latents. For
+        one column per latent: ``df.pivot_table(index=["input", "position"], columns=["sae",
+        "latent"], values="activation")``.
+        """
+        pd = _pandas()
+        layers = {s.id: s.layer for s in self.saes}
+        rows = [
+            (i, tok.position, tok.id, tok.text, sae_id, layers.get(sae_id), int(index), activation)
+            for i, result in enumerate(self.results)
+            for tok in result.tokens
+            for sae_id, values in (tok.latents or {}).items()
+            for index, activation in values.items()
+        ]
+        columns = ["input", "position", "token_id", "token", "sae", "layer", "latent", "activation"]
+        dtypes = {"input": "int64", "position": "int64", "token_id": "int64", "latent": "int64"}
+        return pd.DataFrame(rows, columns=columns).astype({**dtypes, "activation": "float64"})
 
 
 # ------------------------------------------------------------------ latent dashboards
