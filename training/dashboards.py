@@ -281,7 +281,7 @@ def _effect_rows(job: _Job, stats: dict[int, LatentStats]) -> _Rows:
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     n = job.cfg.effect_contexts
     for layer, st in sorted(stats.items()):
-        index = st.top_index[:, :n]
+        index = st.top.index[:, :n]
         latent, rank = torch.nonzero(index >= 0, as_tuple=True)
         gidx = index[latent, rank]
         for part, value in zip(
@@ -476,7 +476,7 @@ def _columns(job: _Job, st: LatentStats, tokens: int) -> dict[str, list]:
     cfg = job.cfg
     fired = st.fired.tolist()
     top, quantile = [], []
-    top_act, top_index, top_window = st.top_act.tolist(), st.top_index.tolist(), st.top_window.tolist()
+    top_act, top_index, top_window = st.top.act.tolist(), st.top.index.tolist(), st.top.window.tolist()
     hist = st.hist.tolist()
     for j in range(st.d_sae):
         contexts = [
@@ -514,8 +514,10 @@ def _quantile_contexts(job: _Job, st: LatentStats, j: int, counts: list[int], sh
         frac = below / total
         band_of_bin.append(next(i for i, (lo, hi) in enumerate(QUANTILE_INTERVALS) if frac < hi or hi == 1.0))
         below += count
-    keys, acts, index = st.sample_key[j].tolist(), st.sample_act[j].tolist(), st.sample_index[j].tolist()
-    windows = st.sample_window[j].tolist()
+    groups = slice(j * len(counts), (j + 1) * len(counts))  # the latent's (latent, bin) groups
+    kept = st.samples
+    keys, acts, index = kept.rank_key[groups].tolist(), kept.act[groups].tolist(), kept.index[groups].tolist()
+    windows = kept.window[groups].tolist()
     out = []
     for band, (lo, hi) in enumerate(QUANTILE_INTERVALS):
         pool = [

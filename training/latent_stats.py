@@ -13,6 +13,7 @@ corpus split into shards, over processes or interrupted runs, gives the one-proc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,6 +50,81 @@ def _ranked(group: torch.Tensor, *keys: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 @dataclass
+class Kept:
+    """Per group (a latent, or a latent's histogram bin), the ``K`` entries of smallest
+    ``(rank_key, index)``, in that order; each with its activation and activation window."""
+
+    rank_key: torch.Tensor  # [G, K] float32 or int64; +inf / int64 max where empty
+    index: torch.Tensor  # [G, K] int64 global token index, -1 where empty
+    act: torch.Tensor  # [G, K] float32
+    window: torch.Tensor  # [G, K, W] float32 (NaN outside the sequence)
+
+    @classmethod
+    def empty(cls, groups: int, k: int, window: int, key_dtype: torch.dtype) -> Kept:
+        worst = float("inf") if key_dtype.is_floating_point else _EMPTY_KEY
+        return cls(
+            rank_key=torch.full((groups, k), worst, dtype=key_dtype),
+            index=torch.full((groups, k), -1, dtype=torch.int64),
+            act=torch.zeros(groups, k),
+            window=torch.full((groups, k, window), float("nan")),
+        )
+
+    def offer(
+        self,
+        group: torch.Tensor,
+        rank_key: torch.Tensor,
+        index: torch.Tensor,
+        act: torch.Tensor,
+        windows: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Add candidate entries (1-D tensors); ``windows(i)`` gives the windows of candidates
+        ``i`` and is asked only for those that are kept."""
+        k = self.index.shape[1]
+        worst_key, worst_index = self.rank_key[group, -1], self.index[group, -1]
+        enters = (
+            (worst_index < 0) | (rank_key < worst_key) | ((rank_key == worst_key) & (index < worst_index))
+        )
+        cand = torch.nonzero(enters).flatten()
+        if cand.numel() == 0:
+            return
+        group, rank_key, index, act = group[cand], rank_key[cand], index[cand], act[cand]
+        affected = torch.unique(group)
+        old_index = self.index[affected].reshape(-1)
+        old = old_index >= 0
+        old_group = affected.repeat_interleave(k)[old]
+        all_group = torch.cat([old_group, group])
+        all_key = torch.cat([self.rank_key[affected].reshape(-1)[old], rank_key])
+        all_index = torch.cat([old_index[old], index])
+        all_act = torch.cat([self.act[affected].reshape(-1)[old], act])
+        order, rank = _ranked(all_group, all_key, all_index)
+        order, rank = order[rank < k], rank[rank < k]
+        n_old = int(old.sum())
+        new = order >= n_old
+        win = torch.empty(order.numel(), self.window.shape[-1])
+        win[~new] = self.window[affected].reshape(-1, self.window.shape[-1])[old][order[~new]]
+        win[new] = windows(cand[order[new] - n_old])
+        fresh = Kept.empty(affected.numel(), k, self.window.shape[-1], self.rank_key.dtype)
+        slot = torch.searchsorted(affected, all_group[order]), rank
+        fresh.rank_key[slot], fresh.index[slot] = all_key[order], all_index[order]
+        fresh.act[slot], fresh.window[slot] = all_act[order], win
+        self.rank_key[affected], self.index[affected] = fresh.rank_key, fresh.index
+        self.act[affected], self.window[affected] = fresh.act, fresh.window
+
+    def merge(self, other: Kept) -> None:
+        k = other.index.shape[1]
+        valid = other.index.reshape(-1) >= 0
+        group = torch.arange(other.index.shape[0]).repeat_interleave(k)[valid]
+        windows = other.window.reshape(-1, other.window.shape[-1])[valid]
+        self.offer(
+            group,
+            other.rank_key.reshape(-1)[valid],
+            other.index.reshape(-1)[valid],
+            other.act.reshape(-1)[valid],
+            lambda i: windows[i],
+        )
+
+
+@dataclass
 class LatentStats:
     """Running statistics of ``d_sae`` latents (see the module docstring). ``window`` activations
     are kept around each top / sampled token: ``before`` tokens before it and the rest after."""
@@ -57,13 +133,8 @@ class LatentStats:
     act_sum: torch.Tensor  # [d] float64
     act_max: torch.Tensor  # [d] float32, 0 for a latent that never fired
     hist: torch.Tensor  # [d, bins] int64
-    top_act: torch.Tensor  # [d, N] float32, -inf where empty; sorted desc, ties by index asc
-    top_index: torch.Tensor  # [d, N] int64 global token index, -1 where empty
-    top_window: torch.Tensor  # [d, N, W] float32 (NaN outside the sequence)
-    sample_key: torch.Tensor  # [d, bins, k] int64, max where empty; sorted asc
-    sample_act: torch.Tensor  # [d, bins, k] float32
-    sample_index: torch.Tensor  # [d, bins, k] int64
-    sample_window: torch.Tensor  # [d, bins, k, W] float32
+    top: Kept  # per latent: rank key -activation (largest first, ties by smaller index)
+    samples: Kept  # per (latent, bin) as group latent * bins + bin: rank key sample_key()
 
     @classmethod
     def empty(cls, d_sae: int, top_n: int, bins: int, samples_per_bin: int, window: int) -> LatentStats:
@@ -72,13 +143,8 @@ class LatentStats:
             act_sum=torch.zeros(d_sae, dtype=torch.float64),
             act_max=torch.zeros(d_sae),
             hist=torch.zeros(d_sae, bins, dtype=torch.int64),
-            top_act=torch.full((d_sae, top_n), float("-inf")),
-            top_index=torch.full((d_sae, top_n), -1, dtype=torch.int64),
-            top_window=torch.full((d_sae, top_n, window), float("nan")),
-            sample_key=torch.full((d_sae, bins, samples_per_bin), _EMPTY_KEY, dtype=torch.int64),
-            sample_act=torch.zeros(d_sae, bins, samples_per_bin),
-            sample_index=torch.full((d_sae, bins, samples_per_bin), -1, dtype=torch.int64),
-            sample_window=torch.full((d_sae, bins, samples_per_bin, window), float("nan")),
+            top=Kept.empty(d_sae, top_n, window, torch.float32),
+            samples=Kept.empty(d_sae * bins, samples_per_bin, window, torch.int64),
         )
 
     @property
@@ -86,13 +152,19 @@ class LatentStats:
         return self.fired.shape[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        state = {name: getattr(self, name) for name in ("fired", "act_sum", "act_max", "hist")}
+        for part in ("top", "samples"):
+            kept = getattr(self, part)
+            state |= {f"{part}.{f.name}": getattr(kept, f.name) for f in fields(Kept)}
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> LatentStats:
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
-
-    # ------------------------------------------------------------------ update
+        kept = {
+            part: Kept(**{f.name: state[f"{part}.{f.name}"] for f in fields(Kept)})
+            for part in ("top", "samples")
+        }
+        return cls(**{name: state[name] for name in ("fired", "act_sum", "act_max", "hist")}, **kept)
 
     def update(
         self,
@@ -116,19 +188,17 @@ class LatentStats:
         )
         hbin = torch.bucketize(act, edges, right=True)
         self.hist.view(-1).index_add_(0, j * bins + hbin, torch.ones_like(j))
-        window = self.top_window.shape[-1]
-        # windows are cut only for the entries that make it into the kept sets
-        padded = torch.nn.functional.pad(latents, (0, 0, before, window - 1 - before), value=float("nan"))
+        steps = torch.arange(self.top.window.shape[-1]) - before
+        length = latents.shape[1]
 
         def windows(sel: torch.Tensor) -> torch.Tensor:
-            steps = torch.arange(window)
-            return padded[b[sel, None], t[sel, None] + steps, j[sel, None]]
+            pos = t[sel, None] + steps
+            inside = (pos >= 0) & (pos < length)
+            values = latents[b[sel, None], pos.clamp(0, length - 1), j[sel, None]]
+            return values.masked_fill(~inside, float("nan"))
 
-        self._merge_top(j, act, gidx, windows)
-        key = sample_key(gidx, j)
-        self._merge_samples(j * bins + hbin, key, act, gidx, windows)
-
-    # ------------------------------------------------------------------ merge
+        self.top.offer(j, -act, gidx, act, windows)
+        self.samples.offer(j * bins + hbin, sample_key(gidx, j), gidx, act, windows)
 
     def merge(self, other: LatentStats) -> None:
         """Fold ``other`` (made from other tokens) into this state."""
@@ -136,75 +206,5 @@ class LatentStats:
         self.act_sum += other.act_sum
         self.act_max = torch.maximum(self.act_max, other.act_max)
         self.hist += other.hist
-        keep = other.top_index.reshape(-1) >= 0
-        latent = torch.arange(self.d_sae).repeat_interleave(other.top_act.shape[1])[keep]
-        top_windows = other.top_window.reshape(-1, other.top_window.shape[-1])[keep]
-        self._merge_top(
-            latent,
-            other.top_act.reshape(-1)[keep],
-            other.top_index.reshape(-1)[keep],
-            lambda s: top_windows[s],
-        )
-        k = other.sample_key.shape[-1]
-        keep = other.sample_index.reshape(-1) >= 0
-        group = torch.arange(other.sample_key[..., 0].numel()).repeat_interleave(k)[keep]
-        sample_windows = other.sample_window.reshape(-1, other.sample_window.shape[-1])[keep]
-        self._merge_samples(
-            group,
-            other.sample_key.reshape(-1)[keep],
-            other.sample_act.reshape(-1)[keep],
-            other.sample_index.reshape(-1)[keep],
-            lambda s: sample_windows[s],
-        )
-
-    def _merge_top(self, latent, act, gidx, windows) -> None:
-        """Keep per latent the N largest activations of the current entries and the new ones."""
-        n = self.top_act.shape[1]
-        old = self.top_index.reshape(-1) >= 0
-        old_latent = torch.arange(self.d_sae).repeat_interleave(n)[old]
-        all_latent = torch.cat([old_latent, latent])
-        all_act = torch.cat([self.top_act.reshape(-1)[old], act])
-        all_index = torch.cat([self.top_index.reshape(-1)[old], gidx])
-        order, rank = _ranked(all_latent, -all_act, all_index)
-        order, rank = order[rank < n], rank[rank < n]
-        n_old = int(old.sum())
-        old_windows = self.top_window.reshape(-1, self.top_window.shape[-1])[old]
-        new = order >= n_old
-        win = torch.empty(order.numel(), self.top_window.shape[-1])
-        win[~new] = old_windows[order[~new]]
-        win[new] = windows(order[new] - n_old)
-        self.top_act.fill_(float("-inf"))
-        self.top_index.fill_(-1)
-        self.top_window.fill_(float("nan"))
-        slot = all_latent[order], rank
-        self.top_act[slot] = all_act[order]
-        self.top_index[slot] = all_index[order]
-        self.top_window[slot] = win
-
-    def _merge_samples(self, group, key, act, gidx, windows) -> None:
-        """Keep per (latent, bin) the k entries of smallest sampling key (ties: smaller index)."""
-        d, bins, k = self.sample_key.shape
-        flat_key = self.sample_key.reshape(-1)
-        old = self.sample_index.reshape(-1) >= 0
-        old_group = torch.arange(d * bins).repeat_interleave(k)[old]
-        all_group = torch.cat([old_group, group])
-        all_key = torch.cat([flat_key[old], key])
-        all_act = torch.cat([self.sample_act.reshape(-1)[old], act])
-        all_index = torch.cat([self.sample_index.reshape(-1)[old], gidx])
-        order, rank = _ranked(all_group, all_key, all_index)
-        order, rank = order[rank < k], rank[rank < k]
-        n_old = int(old.sum())
-        old_windows = self.sample_window.reshape(-1, self.sample_window.shape[-1])[old]
-        new = order >= n_old
-        win = torch.empty(order.numel(), self.sample_window.shape[-1])
-        win[~new] = old_windows[order[~new]]
-        win[new] = windows(order[new] - n_old)
-        self.sample_key.fill_(_EMPTY_KEY)
-        self.sample_index.fill_(-1)
-        self.sample_window.fill_(float("nan"))
-        g = all_group[order]
-        slot = g // bins, g % bins, rank
-        self.sample_key[slot] = all_key[order]
-        self.sample_act[slot] = all_act[order]
-        self.sample_index[slot] = all_index[order]
-        self.sample_window[slot] = win
+        self.top.merge(other.top)
+        self.samples.merge(other.samples)
