@@ -20,7 +20,7 @@ from .deps import Service
 from .engine import Engine
 from .errors import install_handlers
 from .limits import EdgeMiddleware
-from .routes import adapters, features, health, viewer
+from .routes import adapters, features, health, latents, viewer
 from .settings import Settings
 
 # metric labels: anything else collapses into "other" (a client must not create series at will)
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = service
     app.include_router(features.router)
     app.include_router(adapters.router)
+    app.include_router(latents.router)
     app.include_router(health.router)
     app.include_router(viewer.router)
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")

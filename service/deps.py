@@ -10,6 +10,7 @@ from typing import NamedTuple
 from fastapi import Request
 
 from .batcher import Batcher
+from .dashboards import DashboardIndex
 from .engine import Engine
 from .errors import ServiceError
 from .metrics import Metrics
@@ -38,6 +39,7 @@ class Service:
         self.metrics = Metrics()
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
+        self.dashboards = DashboardIndex()  # the settings' dashboards once started
         self.error: str | None = None  # why loading failed
         self.ready = asyncio.Event()
 
@@ -48,6 +50,9 @@ class Service:
             if self.engine is None:
                 log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
                 self.engine = await asyncio.to_thread(Engine.from_settings, s)
+            if s.dashboards:
+                log.info("indexing latent dashboards %s", s.dashboards)
+                self.dashboards = await asyncio.to_thread(DashboardIndex.build, self.engine, s.dashboards)
             adapter_root, db_path = s.adapter_root, s.db_path
             assert adapter_root is not None and db_path is not None, "Settings' validator fills both"
             self.registry = Registry(
@@ -75,10 +80,11 @@ class Service:
             return
         self.ready.set()
         log.info(
-            "ready: model %s, SAEs %s, %d adapters",
+            "ready: model %s, SAEs %s, %d adapters, %d dashboard SAEs",
             self.engine.model_id,
             list(self.engine.names.values()),
             len(self.registry.list()),
+            len(self.dashboards),
         )
 
     def loaded(self) -> Loaded:

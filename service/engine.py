@@ -58,6 +58,7 @@ class Row:
     logits: str = "none"
     logits_top_k: int = 5
     generation: int = 0  # of the adapter when the request was accepted (0: no adapter)
+    latents: dict[int, tuple[int, ...]] | None = None  # layer -> latents reported at every token
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -75,6 +76,8 @@ class RowOutput:
     recon_error: dict[int, list[float]]
     top_logits: tuple[list[list[int]], list[list[float]], list[list[float]]] | None = None
     full_logits: list[list[float]] | None = None
+    # layer -> (the row's requested latents, their activations per token); None: none requested
+    latents: dict[int, tuple[tuple[int, ...], list[list[float]]]] | None = None
 
 
 @dataclass
@@ -85,12 +88,14 @@ class ValidatedAdapter:
     state_dict: dict[str, torch.Tensor]
     layers: tuple[int, ...]  # layers of the SAEs it was trained with
     manifest: Any  # lorasae.manifest.AdapterManifest
+    fingerprint: str  # of the weights (lorasae.manifest.adapter_fingerprint): ties dashboards to it
 
 
 @dataclass
 class _Slot:
     layers: tuple[int, ...]
     generation: int  # unique per registration: a name deleted and registered again gets a new one
+    fingerprint: str  # of the weights: picks the dashboards made through this adapter
 
 
 @dataclass
@@ -259,7 +264,9 @@ class Engine:
         """The spliced forward, and on the device only what the rows asked for (losses, top-k
         latents and reconstruction errors of each SAE, top logits), moved to the host as lists
         keyed ``loss``, ``i<layer>``/``v<layer>``/``e<layer>`` and ``li``/``lv``/``lp``; plus the
-        full logits of the rows that want them, by row index."""
+        full logits of the rows that want them, by row index. The latents rows name (``Row.latents``)
+        are gathered once per layer for the whole batch, the union of the rows' indices
+        (``latent_union``), as ``x<layer>`` ``[B, T, union]``."""
         layers = rows[0].layers
         kwargs: dict[str, Any] = {}
         model = self.base
@@ -280,6 +287,10 @@ class Engine:
             values, indices = record.latents.topk(k, dim=-1)
             gathered[f"v{layer}"], gathered[f"i{layer}"] = values.float(), indices
             gathered[f"e{layer}"] = record.error_sq().float()
+            union = latent_union(rows, layer)
+            if union:
+                index = torch.tensor(union, dtype=torch.long, device=record.latents.device)
+                gathered[f"x{layer}"] = record.latents.index_select(-1, index).float()
         wants_top = [r.logits_top_k for r in rows if r.logits == "top_k"]
         if wants_top:
             lvalues, lindices = logits.topk(min(max(wants_top), logits.shape[-1]), dim=-1)
@@ -299,7 +310,7 @@ class Engine:
         from peft import LoraConfig
         from safetensors.torch import load_file
 
-        from lorasae.manifest import AdapterManifest
+        from lorasae.manifest import AdapterManifest, adapter_fingerprint
 
         directory = Path(directory)
         try:
@@ -339,7 +350,13 @@ class Engine:
         self._check_shapes(config, state)
         self._check_targets(config, state)
         layers = tuple(sorted({e.layer for e in manifest.saes}))
-        return ValidatedAdapter(config=config, state_dict=state, layers=layers, manifest=manifest)
+        return ValidatedAdapter(
+            config=config,
+            state_dict=state,
+            layers=layers,
+            manifest=manifest,
+            fingerprint=adapter_fingerprint(state),
+        )
 
     def _check_shapes(self, config, state: dict[str, torch.Tensor]) -> None:
         base = unwrap(self.peft) if self.peft is not None else self.base
@@ -442,7 +459,9 @@ class Engine:
             raise ServiceError(
                 409, "adapter_mismatch", f"adapter does not load into the model: {type(exc).__name__}: {exc}"
             ) from exc
-        self.adapters[name] = _Slot(layers=adapter.layers, generation=next(self._generations))
+        self.adapters[name] = _Slot(
+            layers=adapter.layers, generation=next(self._generations), fingerprint=adapter.fingerprint
+        )
 
     def remove_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
@@ -513,6 +532,7 @@ def _to_rows(
     """Cut the batch's host lists (see ``Engine._forward_gather``) back into one result per row:
     its own length, its own ``top_k`` and ``logits_top_k``."""
     layers = rows[0].layers
+    unions = {layer: latent_union(rows, layer) for layer in layers}
     results = []
     for b, row in enumerate(rows):
         n = lens[b]
@@ -539,9 +559,30 @@ def _to_rows(
                 recon_error={layer: host[f"e{layer}"][b][:n] for layer in layers},
                 top_logits=top,
                 full_logits=full.get(b),
+                latents=None if row.latents is None else _row_latents(row, b, n, host, unions),
             )
         )
     return results
+
+
+def latent_union(rows: list[Row], layer: int) -> list[int]:
+    """The latents of SAE ``layer`` any row of a batch asks for, ascending: gathered once."""
+    return sorted({i for row in rows if row.latents for i in row.latents.get(layer, ())})
+
+
+def _row_latents(
+    row: Row, b: int, n: int, host: dict[str, list], unions: dict[int, list[int]]
+) -> dict[int, tuple[tuple[int, ...], list[list[float]]]]:
+    """Row ``b``'s requested latents cut out of the batch's gathered unions (its ``n`` tokens)."""
+    out: dict[int, tuple[tuple[int, ...], list[list[float]]]] = {}
+    for layer, indices in (row.latents or {}).items():
+        if not indices:  # an SAE named with an empty list: nothing was gathered for it
+            out[layer] = (indices, [[] for _ in range(n)])
+            continue
+        column = {latent: j for j, latent in enumerate(unions[layer])}
+        picks = [column[i] for i in indices]
+        out[layer] = (indices, [[token[j] for j in picks] for token in host[f"x{layer}"][b][:n]])
+    return out
 
 
 def public_sae_names(saes: Sequence[LoadedSAE]) -> dict[int, str]:

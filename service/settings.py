@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         description="SAE to splice: sae-lens folder or release/sae_id (repeat; "
         "default: the default SAE of the default model)",
     )
+    dashboards: list[str] = Field(
+        default_factory=list,
+        description="latent dashboard folder (`lorasae dashboards`) to serve (repeat); made with the "
+        "loaded model and SAEs, else the server refuses to start",
+    )
     device: str | None = Field(None, description="cuda / cpu (default: cuda if available)")
     dtype: str | None = Field(None, description="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     torch_threads: int | None = Field(
@@ -76,7 +81,8 @@ class Settings(BaseSettings):
     max_response_entries: int = Field(
         2_000_000,
         ge=1,
-        description="tokens x (top_k x SAEs + logits_top_k) per request: bounds the answer's size",
+        description="tokens x (top_k x SAEs + logits_top_k + requested latents) per request: "
+        "bounds the answer's size",
     )
     max_upload_mb: float = Field(
         1024, gt=0, description="largest adapter archive accepted (compressed, and again unpacked)"

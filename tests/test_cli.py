@@ -87,8 +87,11 @@ DOCUMENTED_FLAGS = {
     "merge": "--model --adapter --out --no-eval --eval-tokens --mc-items --mc-context --mc-choice "
              "--mc-file --corpus --ctx --device",
     "demo": "--steps --max-minutes",
+    "dashboards": "--model --sae --adapter --corpus --split --tokens --ctx --batch-size --top-n "
+                  "--window-before --window-after --samples-per-interval --logit-top --effect-contexts "
+                  "--shard-sequences --splice-first --device --dtype --out --resume",
     "serve": "--host --port --model --sae --device --dtype --adapter-root --db --api-key-env "
-             "--insecure-no-auth --allowed-host --max-batch --max-wait-ms --config",
+             "--insecure-no-auth --allowed-host --max-batch --max-wait-ms --dashboards --config",
 }
 
 

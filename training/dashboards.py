@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -243,7 +244,7 @@ def _statistics_pass(job: _Job) -> None:
                 st.update(splice.records[layer].latents, index, job.edges, cfg.window_before, valid)
             bar.update(ids.numel())
         states = {layer: st.state_dict() for layer, st in stats.items()}
-        write_atomic(job.shard_file("stats", shard), lambda tmp, s=states: torch.save(s, tmp))
+        write_atomic(job.shard_file("stats", shard), partial(torch.save, states))
     bar.close()
 
 
@@ -309,12 +310,12 @@ def _effect_pass(job: _Job, rows: _Rows) -> None:
             clean[here], ablated[here] = c, a
             bar.update(here.numel())
         result = {"rows": mine, "clean": clean, "ablated": ablated}
-        write_atomic(job.shard_file("effect", shard), lambda tmp, r=result: torch.save(r, tmp))
+        write_atomic(job.shard_file("effect", shard), partial(torch.save, result))
     bar.close()
 
 
 def _hidden_size(job: _Job) -> int:
-    return int(output_head(job.model).weight.shape[1])
+    return _unembedding(job).shape[1]
 
 
 @torch.inference_mode()
@@ -603,7 +604,12 @@ def _mean_effects(job: _Job, rows: _Rows) -> dict[int, dict[str, list]]:
 
 
 def _vocab(job: _Job) -> int:
-    return int(output_head(job.model).weight.shape[0])
+    return _unembedding(job).shape[0]
+
+
+def _unembedding(job: _Job) -> torch.Tensor:
+    # cast: nn.Module attributes are typed Tensor | Module; the head's weight is its [vocab, d] matrix
+    return cast(torch.Tensor, output_head(job.model).weight)
 
 
 def _logprobs(job: _Job, hidden: torch.Tensor) -> torch.Tensor:

@@ -160,11 +160,17 @@ class LatentStats:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> LatentStats:
-        kept = {
-            part: Kept(**{f.name: state[f"{part}.{f.name}"] for f in fields(Kept)})
-            for part in ("top", "samples")
-        }
-        return cls(**{name: state[name] for name in ("fired", "act_sum", "act_max", "hist")}, **kept)
+        def kept(part: str) -> Kept:
+            return Kept(**{f.name: state[f"{part}.{f.name}"] for f in fields(Kept)})
+
+        return cls(
+            fired=state["fired"],
+            act_sum=state["act_sum"],
+            act_max=state["act_max"],
+            hist=state["hist"],
+            top=kept("top"),
+            samples=kept("samples"),
+        )
 
     def update(
         self,

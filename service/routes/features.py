@@ -13,10 +13,12 @@ from lorasae_client.schemas import ErrorResponse, FeaturesRequest, FeaturesRespo
 
 from ..deps import Service, ready_service
 from ..engine import Engine, Row, RowOutput
-from ..errors import ServiceError
+from ..errors import ServiceError, shown
 from ..settings import Settings
 
 router = APIRouter(tags=["features"])
+
+MAX_LATENTS_PER_SAE = 256  # distinct latents ``latents=`` may name per SAE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)
@@ -38,8 +40,16 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
         slot = engine.adapters[req.adapter]
         default_layers, generation = slot.layers, slot.generation
     layers = engine.select_layers(req.saes, default_layers)
+    latents = requested_latents(req, engine, layers)
     sequences = await input_sequences(req, engine, settings)
-    check_response_size(req, sum(len(ids) for ids in sequences), len(layers), engine.vocab_size, settings)
+    check_response_size(
+        req,
+        sum(len(ids) for ids in sequences),
+        len(layers),
+        engine.vocab_size,
+        settings,
+        latents=sum(len(indices) for indices in (latents or {}).values()),
+    )
     rows = [
         Row(
             ids=list(ids),
@@ -49,6 +59,7 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
             logits=req.logits,
             logits_top_k=req.logits_top_k,
             generation=generation,
+            latents=latents,
         )
         for ids in sequences
     ]
@@ -56,6 +67,47 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
     # built off the event loop, so /healthz and other requests keep being answered meanwhile
     body = await run_in_threadpool(render_body, engine, req, layers, outputs)
     return Response(body, media_type="application/json")
+
+
+def requested_latents(
+    req: FeaturesRequest, engine: Engine, layers: tuple[int, ...]
+) -> dict[int, tuple[int, ...]] | None:
+    """``req.latents`` by layer, each SAE's distinct indices ascending (None: not requested).
+
+    The SAEs are named like ``saes`` (404 ``unknown_sae``) and must be spliced in this request
+    (422); indices must lie in ``0..d_sae-1`` (404 ``unknown_latent``), at most
+    ``MAX_LATENTS_PER_SAE`` distinct ones per SAE (413)."""
+    if req.latents is None:
+        return None
+    by_layer: dict[int, set[int]] = {}
+    for selector, indices in req.latents.items():
+        (layer,) = engine.select_layers([selector])
+        if layer not in layers:
+            spliced = ", ".join(engine.names[x] for x in layers)
+            raise ServiceError(
+                422,
+                "sae_not_spliced",
+                f"latents: SAE {engine.names[layer]!r} is not spliced in this request "
+                f"(spliced: {spliced}); add it to saes",
+            )
+        by_layer.setdefault(layer, set()).update(indices)
+    out = {}
+    for layer, wanted in sorted(by_layer.items()):
+        name, d_sae = engine.names[layer], engine.by_layer[layer].d_sae
+        if len(wanted) > MAX_LATENTS_PER_SAE:
+            raise ServiceError(
+                413,
+                "too_many_latents",
+                f"latents: {len(wanted)} distinct latents of SAE {name!r}; "
+                f"the limit is {MAX_LATENTS_PER_SAE} per SAE",
+            )
+        bad = next((i for i in sorted(wanted) if not 0 <= i < d_sae), None)
+        if bad is not None:
+            raise ServiceError(
+                404, "unknown_latent", f"latents: SAE {name!r} has no latent {shown(bad)} (0..{d_sae - 1})"
+            )
+        out[layer] = tuple(sorted(wanted))
+    return out
 
 
 async def input_sequences(req: FeaturesRequest, engine: Engine, settings: Settings) -> list[list[int]]:
@@ -114,10 +166,13 @@ def check_token_ids(sequences: list[list[int]], vocab_size: int, settings: Setti
             )
 
 
-def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int, settings: Settings) -> None:
+def check_response_size(
+    req: FeaturesRequest, tokens: int, saes: int, vocab: int, settings: Settings, latents: int = 0
+) -> None:
     """Refuse (413) a request whose answer would exceed the documented bounds: per token
-    ``top_k`` latents for each SAE plus ``logits_top_k`` logits (``max_response_entries`` in all),
-    and with ``logits="full"`` a whole vocabulary row (``max_full_logits`` in all)."""
+    ``top_k`` latents for each SAE plus ``logits_top_k`` logits plus the ``latents`` the request
+    names (``max_response_entries`` in all), and with ``logits="full"`` a whole vocabulary row
+    (``max_full_logits`` in all)."""
     if req.logits == "full" and tokens * vocab > settings.max_full_logits:
         raise ServiceError(
             413,
@@ -125,14 +180,14 @@ def check_response_size(req: FeaturesRequest, tokens: int, saes: int, vocab: int
             f"logits='full' for {tokens} tokens x {vocab} vocabulary entries "
             f"exceeds the limit of {settings.max_full_logits} values; use 'top_k'",
         )
-    per_token = req.top_k * saes + (req.logits_top_k if req.logits == "top_k" else 0)
+    per_token = req.top_k * saes + (req.logits_top_k if req.logits == "top_k" else 0) + latents
     if tokens * per_token > settings.max_response_entries:
         raise ServiceError(
             413,
             "response_too_large",
-            f"{tokens} tokens x {per_token} entries (top_k x {saes} SAEs + logits) is "
-            f"over the limit of {settings.max_response_entries} entries per request; "
-            "send fewer tokens or a smaller top_k / logits_top_k",
+            f"{tokens} tokens x {per_token} entries (top_k x {saes} SAEs + logits + {latents} "
+            f"named latents) is over the limit of {settings.max_response_entries} entries per "
+            "request; send fewer tokens, a smaller top_k / logits_top_k or fewer latents",
         )
 
 
@@ -176,5 +231,10 @@ def render_tokens(engine: Engine, out: RowOutput) -> list[dict]:
             ]
         if out.full_logits is not None:
             token["logits"] = out.full_logits[t]
+        if out.latents is not None:
+            token["latents"] = {
+                names[layer]: {str(i): v for i, v in zip(indices, values[t])}
+                for layer, (indices, values) in out.latents.items()
+            }
         tokens.append(token)
     return tokens
