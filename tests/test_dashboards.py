@@ -420,3 +420,54 @@ def test_dashboards_through_an_adapter_record_its_fingerprint(tiny_world, tmp_pa
     changed = pq.read_table(adapted / latents_file(1)).column("effect_promoted_values").to_pylist()
     same = pq.read_table(base / latents_file(1)).column("effect_promoted_values").to_pylist()
     assert sum(a != b for a, b in zip(changed, same)) > len([a for a in same if a]) // 2
+
+
+# ---------------------------------------------------------------------- served
+
+
+def test_served_record_and_features_latents_reproduce_the_stored_contexts(reference, tiny_world, tmp_path):
+    """A stored top context, sent through POST /v1/features with latents=, gives the stored
+    activation at the stored position; GET .../latents/{index} serves the stored record."""
+    from fastapi.testclient import TestClient
+
+    from lorasae.service.app import create_app
+    from lorasae.service.engine import Engine
+    from lorasae.service.settings import Settings
+
+    out, _ = reference
+    settings = Settings(model=str(tiny_world.model), saes=[str(tiny_world.sae1), str(tiny_world.sae2)],
+                        adapter_root=tmp_path / "adapters", db_path=tmp_path / "registry.sqlite3",
+                        device="cpu", dashboards=[str(out)])
+    (tmp_path / "adapters").mkdir()
+    engine = Engine.from_settings(settings)
+    seqs = packed_sequences(engine.lm.tokenizer, "train", TOKENS, CTX, str(tiny_world.corpus))
+    dash = Dashboard.open(out)
+    checked = 0
+    try:
+        with TestClient(create_app(settings, engine), base_url="http://localhost") as client:
+            for layer in (1, 2):
+                sae = engine.names[layer]
+                for j in (3, 20, 41):
+                    stored = dash.record(layer, j)
+                    served = client.get(f"/v1/saes/{layer}/latents/{j}")
+                    assert served.status_code == 200, served.text
+                    body = served.json()
+                    assert body["sae"] == sae and body["index"] == j and body["fired"] == stored["fired"]
+                    contexts = stored["top_contexts"] + stored["quantile_contexts"]
+                    assert [c["activation"] for c in body["top_contexts"] + body["quantile_contexts"]] == \
+                        [c["activation"] for c in contexts]
+                    for c in contexts[:3]:
+                        ids = seqs[c["sequence"]].tolist()
+                        answer = client.post("/v1/features", json={
+                            "inputs": [ids], "latents": {sae: [j]}, "top_k": 1})
+                        assert answer.status_code == 200, answer.text
+                        tokens = answer.json()["results"][0]["tokens"]
+                        assert tokens[c["position"]]["latents"][sae][str(j)] == \
+                            pytest.approx(c["activation"], abs=1e-4)
+                        window = [t["latents"][sae][str(j)] for t in
+                                  tokens[c["start"]: c["start"] + len(c["activations"])]]
+                        assert window == pytest.approx(c["activations"], abs=1e-4)
+                        checked += 1
+    finally:
+        engine.close()
+    assert checked >= 10
