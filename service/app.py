@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 import lorasae_client
 
+from .dashboards import DashboardIndex
 from .deps import Service
 from .engine import Engine
 from .errors import install_handlers
@@ -56,10 +57,13 @@ class _MetricsMiddleware:
             metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The app: routes, static files, edge limits, metrics and error handlers around one ``Service``."""
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, dashboards: DashboardIndex | None = None
+) -> FastAPI:
+    """The app: routes, static files, edge limits, metrics and error handlers around one ``Service``.
+    ``dashboards``: the settings' dashboards already indexed against ``engine`` (else done at start)."""
     settings = settings or Settings()
-    service = Service(settings, engine)
+    service = Service(settings, engine, dashboards)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

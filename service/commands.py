@@ -38,6 +38,7 @@ def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = N
     import uvicorn
 
     from .app import create_app
+    from .dashboards import DashboardIndex
     from .engine import Engine
     from .limits import uvicorn_options
 
@@ -48,7 +49,8 @@ def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = N
         torch.set_num_threads(settings.torch_threads)
     print(f"loading {settings.model} ...", file=sys.stderr, flush=True)
     engine = Engine.from_settings(settings, make_default_sae)  # load errors end as `error: ...`
-    uvicorn.run(create_app(settings, engine), **uvicorn_options(settings))
+    dashboards = DashboardIndex.build(engine, settings.dashboards)  # so do dashboards that do not fit
+    uvicorn.run(create_app(settings, engine, dashboards), **uvicorn_options(settings))
 
 
 def register(subparsers: argparse._SubParsersAction, make_default_sae: DefaultSaeMaker | None = None) -> None:

@@ -31,7 +31,9 @@ class Loaded(NamedTuple):
 class Service:
     """Everything one app owns: settings, engine, registry, batcher, metrics, readiness."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine | None = None, dashboards: DashboardIndex | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.owns_engine = engine is None  # loaded here: closed here
@@ -39,7 +41,8 @@ class Service:
         self.metrics = Metrics()
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
-        self.dashboards = DashboardIndex()  # the settings' dashboards once started
+        self.dashboards = dashboards or DashboardIndex()  # the settings' dashboards once started
+        self._dashboards_built = dashboards is not None
         self.error: str | None = None  # why loading failed
         self.ready = asyncio.Event()
 
@@ -50,7 +53,7 @@ class Service:
             if self.engine is None:
                 log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
                 self.engine = await asyncio.to_thread(Engine.from_settings, s)
-            if s.dashboards:
+            if s.dashboards and not self._dashboards_built:
                 log.info("indexing latent dashboards %s", s.dashboards)
                 self.dashboards = await asyncio.to_thread(DashboardIndex.build, self.engine, s.dashboards)
             adapter_root, db_path = s.adapter_root, s.db_path

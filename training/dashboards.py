@@ -68,11 +68,13 @@ from .fields import (
     saes_field,
 )
 from .latent_stats import LatentStats
+from .plots import plot_densities
 from .train_sae import ensure_default_sae
 
 WORK_DIR = ".work"
 SAMPLES_PER_BIN = 2
 QUANTILE_INTERVALS = ((0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0))
+DENSITY_PLOT = "densities.png"
 DECODE_ROWS = 64  # (latent, context) rows per decode step of the effect pass
 
 
@@ -394,6 +396,7 @@ def _write(
     entries = []
     tokens = int(job.sequences.shape[0] * (cfg.ctx - 1))
     summary_saes = []
+    densities = []
     for sae in job.saes:
         st = stats[sae.layer]
         columns = _columns(job, st, tokens)
@@ -401,6 +404,7 @@ def _write(
         columns.update(effects[sae.layer])
         write_latents(out / latents_file(sae.layer), columns)
         dead = [i for i, d in enumerate(columns["dead"]) if d]
+        densities.append(columns["density"])
         entries.append(
             DashboardSae(
                 sae_id=sae.sae_id,
@@ -442,6 +446,9 @@ def _write(
         processes=job.processes,
         seconds=seconds,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    plot_densities(
+        {f"{s['sae']} (L{s['layer']})": d for s, d in zip(summary_saes, densities)}, out / DENSITY_PLOT
     )
     manifest.save(out)  # last: its presence marks finished dashboards
     return {

@@ -138,3 +138,22 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         paths.append(_save(fig, Path(out) / "sweep_pareto.png"))
     return paths
+
+
+def plot_densities(densities: dict[str, list[float]], path: Path) -> Path:
+    """Distribution of latent firing densities per SAE (log10 scale; dead latents counted apart)."""
+    import math
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for label, values in densities.items():
+        live = [math.log10(v) for v in values if v > 0]
+        dead = len(values) - len(live)
+        ax.hist(
+            live, bins=40, histtype="step", linewidth=1.5, label=f"{label} ({dead} dead of {len(values)})"
+        )
+    ax.set_xlabel("log10 firing density (fraction of tokens with activation > 0)")
+    ax.set_ylabel("latents")
+    ax.set_title("Latent densities")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
