@@ -21,7 +21,7 @@ router = APIRouter(tags=["features"])
 MAX_LATENTS_PER_SAE = 256  # distinct latents ``latents=`` may name per SAE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 404, 408, 409, 413, 414, 415, 422, 429, 431, 503)
 }
 
 
