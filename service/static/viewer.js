@@ -7,6 +7,10 @@
  * details (top-k latents, next-token logits) come from the adapter's response (the base one when
  * no adapter is chosen).
  *
+ * Latents: a latent's dashboard (GET /v1/saes/{sae}/latents/{index}) opens from a token panel's
+ * latent, a search result (GET /v1/saes/{sae}/latents?q=...) or the Latent input; with an adapter
+ * chosen, the base model's record and the adapter's are shown side by side.
+ *
  * Every value shown is also in a data-* attribute (raw JSON number) for tests and copy/paste.
  */
 "use strict";
@@ -16,6 +20,9 @@ const state = {
   adapters: [],    // AdapterInfo (from /v1/adapters)
   run: null,       // {main, base, adapter, sae, splice}: the last successful run
   runs: 0,
+  latent: null,    // {sae, index}: the latent whose dashboard is shown
+  latentLoads: 0,  // dashboard loads started (a stale answer is dropped)
+  searches: 0,     // searches started (likewise)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -295,7 +302,7 @@ function renderPanel(position) {
   const logits = token.top_logits || [];
   const top = feats.length ? feats[0].activation : 0;
   const latentRows = feats.map((f) => el("tr", {"data-index": f.index, "data-activation": raw(f.activation),
-                                                title: "click: colour the tokens by this latent"},
+                                                title: "click: colour the tokens by this latent and open its dashboard"},
     el("td", {class: "num"}, String(f.index)),
     el("td", {class: "num"}, fmt(f.activation)),
     el("td", {class: "barcell"}, el("span", {class: "bar", style: `width:${percent(f.activation, top)}%`}))));
@@ -339,6 +346,7 @@ function onPanelClick(event) {
   $("latent").value = row.dataset.index;
   clearError();
   renderTokens();
+  openLatent(state.run.sae, Number(row.dataset.index), {scroll: true});
 }
 
 // ------------------------------------------------------------------ base vs adapter
@@ -412,11 +420,266 @@ function renderCompare() {
   }
 }
 
+// ------------------------------------------------------------------ latent dashboards
+
+// the SVG namespace, as the HTML parser gives it (the page holds no URL outside the server, not even this one)
+const SVG = (() => {
+  const template = document.createElement("template");
+  template.innerHTML = "<svg></svg>";
+  return template.content.firstChild.namespaceURI;
+})();
+
+/** An SVG element, like el(). */
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value !== null && value !== undefined) node.setAttribute(key, String(value));
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+const latentPath = (sae, index) => `v1/saes/${encodeURIComponent(sae)}/latents/${index}`;
+const withAdapter = (path, adapter) => (adapter ? `${path}?adapter=${encodeURIComponent(adapter)}` : path);
+
+/** Open latent `index` of `sae`: the base record, and the adapter's beside it when one is chosen.
+ * The server checks the index (404 unknown_latent), as it checks everything else. */
+async function openLatent(sae, index, {scroll = false} = {}) {
+  const adapter = $("adapter").value || null;
+  const seq = ++state.latentLoads;
+  state.latent = {sae, index};
+  const view = $("latent-view");
+  Object.assign(view.dataset, {state: "loading", sae, index: String(index), adapter: adapter || ""});
+  if (scroll) view.scrollIntoView({block: "start"});
+  const sides = adapter ? [null, adapter] : [null];
+  const answers = await Promise.all(sides.map((name) =>
+    api(withAdapter(latentPath(sae, index), name)).then((record) => ({record}), (error) => ({error}))));
+  if (seq !== state.latentLoads) return;  // another latent was opened meanwhile
+  const columns = answers.map((answer, i) => latentSide(sides[i], answer));
+  const failed = answers.filter((a) => a.error);
+  // "no dashboard" is said in place; anything else (unknown latent, SAE or adapter) also in #error
+  const serious = failed.find((a) => a.error.code !== "no_dashboard");
+  if (serious) showError(serious.error);
+  view.replaceChildren(
+    el("h3", {id: "latent-title"}, `Latent ${index} of ${sae}`,
+       el("small", {}, adapter ? ` base model vs adapter ${adapter}` : " base model")),
+    el("div", {class: `latent-sides n${sides.length}`}, ...columns));
+  view.dataset.state = failed.length === answers.length ? "error" : "done";
+  view.dataset.seq = String(seq);
+}
+
+/** One column of the latent view: a record, or the message of its error in place. */
+function latentSide(adapter, {record, error}) {
+  const side = adapter ? "adapter" : "base";
+  const label = adapter ? `adapter ${adapter}` : "base model";
+  if (error) {
+    return el("div", {class: "latent-side missing", "data-side": side, "data-state": "error",
+                      "data-status": error.status ?? "", "data-code": error.code ?? ""},
+      el("h4", {}, label),
+      el("p", {class: "message"}, el("strong", {}, `${error.status || ""} ${error.code}`.trim()), ": ",
+         el("span", {class: "text"}, error.message)));
+  }
+  const r = record;
+  const d = r.dashboard;
+  const badge = r.dead ? el("span", {class: "badge dead", title: "never fired on the dashboard's tokens"}, "dead") : "";
+  const stat = (name, label, value, text, note = "") => [
+    el("dt", {}, label),
+    el("dd", {class: `stat-${name}`, "data-value": raw(value)}, el("span", {class: "value"}, text), note)];
+  const share = r.density >= 0.01 ? ` ${(100 * r.density).toFixed(1)}% of tokens`
+    : r.density > 0 ? ` 1 in ${Math.round(1 / r.density)} tokens` : "";
+  const oneIn = share ? el("small", {}, share) : "";
+  return el("div", {class: "latent-side", "data-side": side, "data-state": "done", "data-sae": r.sae,
+                    "data-index": r.index, "data-adapter": r.adapter ?? "", "data-dead": String(r.dead)},
+    el("h4", {}, label, " ", badge),
+    el("p", {class: "source"}, `${r.sae} latent ${r.index} \u00b7 ${d.tokens} tokens of ${d.corpus} `
+       + `(${d.split}), contexts of ${d.ctx}`),
+    el("dl", {class: "stats"},
+       ...stat("density", "density", r.density, fmt(r.density), oneIn),
+       ...stat("fired", "fired (tokens)", r.fired, String(r.fired)),
+       ...stat("mean", "mean activation", r.mean_activation, fmt(r.mean_activation)),
+       ...stat("max", "max activation", r.max_activation, fmt(r.max_activation))),
+    el("h5", {}, "Activation histogram ", el("small", {}, "(log bins, firing tokens)")),
+    histogram(r.histogram),
+    el("h5", {}, "Top contexts"),
+    contextList("top", r.top_contexts, r.max_activation),
+    el("h5", {}, "Quantile samples"),
+    quantiles(r.quantile_contexts, r.max_activation),
+    el("h5", {}, "Logit lens ", el("small", {}, "(decoder row through the unembedding)")),
+    effects("lens", r.logit_lens),
+    el("h5", {}, "Causal effect ", el("small", {}, `(\u0394 log-prob when removed, over ${r.causal_effect.contexts} top contexts)`)),
+    effects("effect", r.causal_effect));
+}
+
+/** Inline SVG bars over the log bins: bin 0 is (0, edges[0]), bin i [edges[i-1], edges[i]), the last >= edges[-1].
+ * The bins from the first to the last non-empty one are drawn (all counts are in data-counts). */
+function histogram(h) {
+  const counts = h.counts;
+  const edges = h.edges;
+  const low = (i) => (i === 0 ? 0 : edges[i - 1]);
+  const high = (i) => (i < edges.length ? edges[i] : null);
+  const nonzero = counts.map((c, i) => (c > 0 ? i : -1)).filter((i) => i >= 0);
+  const W = 320, H = 90, PAD = 14;
+  const root = svg("svg", {class: "histogram", viewBox: `0 0 ${W} ${H + PAD}`, role: "img",
+                           "data-counts": JSON.stringify(counts), "data-edges": JSON.stringify(edges)});
+  if (!nonzero.length) {
+    root.append(svg("text", {x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty"}, "no activation"));
+    return root;
+  }
+  const first = Math.max(0, nonzero[0] - 1);
+  const last = Math.min(counts.length - 1, nonzero[nonzero.length - 1] + 1);
+  const shown = last - first + 1;
+  const top = Math.max(...counts);
+  const bw = W / shown;
+  root.append(svg("line", {x1: 0, y1: H, x2: W, y2: H, class: "axis"}));
+  for (let i = first; i <= last; i++) {
+    const h1 = top > 0 ? (H - 4) * (counts[i] / top) : 0;
+    const range = high(i) === null ? `\u2265 ${fmt(low(i))}` : `[${fmt(low(i))}, ${fmt(high(i))})`;
+    root.append(svg("rect", {class: "bin", x: ((i - first) * bw + 0.5).toFixed(2), y: (H - h1).toFixed(2),
+                             width: Math.max(0.5, bw - 1).toFixed(2), height: h1.toFixed(2),
+                             "data-bin": i, "data-count": counts[i], "data-low": raw(low(i)),
+                             "data-high": raw(high(i))},
+                    svg("title", {}, `${range}: ${counts[i]}`)));
+  }
+  root.append(svg("text", {x: 0, y: H + PAD - 2, class: "tick"}, fmt(low(first))),
+              svg("text", {x: W, y: H + PAD - 2, class: "tick", "text-anchor": "end"},
+                  high(last) === null ? `\u2265 ${fmt(low(last))}` : fmt(high(last))),
+              svg("text", {x: W / 2, y: 10, class: "tick", "text-anchor": "middle"}, `max count ${top}`));
+  return root;
+}
+
+/** Context windows, one row each: tokens coloured by their activation relative to the latent's max. */
+function contextList(kind, contexts, max) {
+  if (!contexts.length) return el("p", {class: "hint", "data-kind": kind}, "none");
+  return el("ol", {class: "contexts", "data-kind": kind}, ...contexts.map((c) => contextRow(c, max)));
+}
+
+function contextRow(c, max) {
+  const center = c.position - c.start;
+  const tokens = c.tokens.map((t, i) => {
+    const span = el("span", {class: `ctok${i === center ? " center" : ""}`, "data-id": t.id,
+                             "data-activation": raw(t.activation),
+                             title: `id ${t.id} \u00b7 activation ${fmt(t.activation)}`}, t.text);
+    if (t.activation > 0 && max > 0) {
+      const level = Math.max(0, Math.min(1, t.activation / max));
+      span.style.backgroundColor = `rgba(234, 88, 12, ${(0.1 + 0.75 * level).toFixed(3)})`;
+    }
+    return span;
+  });
+  return el("li", {class: "context", "data-sequence": c.sequence, "data-position": c.position,
+                   "data-start": c.start, "data-activation": raw(c.activation),
+                   "data-interval": c.interval ?? null},
+    el("span", {class: "act num", title: `sequence ${c.sequence}, position ${c.position}`}, fmt(c.activation)),
+    el("span", {class: "window"}, ...tokens));
+}
+
+/** Quantile samples grouped by their interval label, in the order the record gives them. */
+function quantiles(contexts, max) {
+  if (!contexts.length) return el("p", {class: "hint quantiles"}, "none");
+  const groups = new Map();
+  for (const c of contexts) {
+    const key = c.interval ?? "";
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push(c);
+  }
+  return el("div", {class: "quantiles"}, ...[...groups].map(([interval, list]) =>
+    el("div", {class: "quantile", "data-interval": interval},
+       el("h6", {}, interval || "(no interval)"), contextList("quantile", list, max))));
+}
+
+/** Promoted and suppressed tokens with their values, side by side. */
+function effects(kind, e) {
+  const table = (which, list) => el("table", {class: "effects", "data-kind": kind, "data-which": which},
+    headRow(which, "value"),
+    el("tbody", {}, ...list.map((t) => el("tr", {"data-id": t.id, "data-value": raw(t.value)},
+      el("td", {class: "tokcell"}, el("span", {class: "piece"}, t.text)),
+      el("td", {class: "num"}, fmt(t.value))))));
+  return el("div", {class: "effect-pair"}, table("promoted", e.promoted), table("suppressed", e.suppressed));
+}
+
+/** The Latent input: Enter or leaving it opens that latent of the chosen SAE. */
+function onLatentChange() {
+  const text = $("latent").value.trim();
+  if (text === "") return;
+  clearError();
+  openLatent($("sae").value, Number(text));
+}
+
+/** Reopen the shown latent when the adapter changes (base alone, or base and adapter). */
+function onAdapterLatents() {
+  if (state.latent) openLatent(state.latent.sae, state.latent.index);
+}
+
+// ------------------------------------------------------------------ latent search
+
+async function search(event) {
+  event.preventDefault();
+  clearError();
+  const sae = $("sae").value;
+  const adapter = $("adapter").value || null;
+  const params = new URLSearchParams({sort: $("search-sort").value, order: $("search-order").value,
+                                      include_dead: String($("search-dead").checked), limit: "50"});
+  const q = $("search-q").value.trim();
+  if (q) params.set("q", q);
+  if (adapter) params.set("adapter", adapter);
+  const seq = ++state.searches;
+  const table = $("search-results");
+  table.dataset.state = "loading";
+  $("search-run").disabled = true;
+  try {
+    const found = await api(`v1/saes/${encodeURIComponent(sae)}/latents?${params}`);
+    if (seq !== state.searches) return;
+    renderSearch(found, q);
+    table.dataset.state = "done";
+  } catch (err) {
+    if (seq !== state.searches) return;
+    table.replaceChildren();
+    $("search-info").textContent = "";
+    table.dataset.state = "error";
+    showError(err);
+  } finally {
+    if (seq === state.searches) {
+      $("search-run").disabled = false;
+      table.dataset.search = String(seq);
+    }
+  }
+}
+
+function renderSearch(found, q) {
+  const pieces = (list) => el("span", {class: "pieces"}, ...list.map((t) => el("span", {class: "piece"}, t)));
+  const rows = found.latents.map((h) => el("tr", {"data-index": h.index, "data-sae": found.sae,
+                                                  title: "click: open its dashboard"},
+    el("td", {class: "num"}, String(h.index), h.dead ? el("span", {class: "badge dead"}, "dead") : ""),
+    el("td", {class: "num", "data-col": "density", "data-value": raw(h.density)}, fmt(h.density)),
+    el("td", {class: "num", "data-col": "max", "data-value": raw(h.max_activation)}, fmt(h.max_activation)),
+    el("td", {"data-col": "top-tokens"}, pieces(h.top_tokens)),
+    el("td", {"data-col": "promoted"}, pieces(h.promoted)),
+    ...(q ? [el("td", {class: "num", "data-col": "score", "data-value": raw(h.score)}, fmt(h.score))] : [])));
+  $("search-results").replaceChildren(
+    headRow("latent", "density", "max act.", "fires on", "promotes", ...(q ? ["score"] : [])),
+    el("tbody", {}, ...rows));
+  const where = found.adapter ? `adapter ${found.adapter}` : "base model";
+  const info = $("search-info");
+  info.dataset.total = String(found.total);
+  info.textContent = `${found.latents.length} of ${found.total} latent(s) of ${found.sae} (${where})`
+    + (q ? ` matching \u201c${q}\u201d` : "") + (found.latents.length ? "; click one for its dashboard" : "");
+}
+
+function onSearchClick(event) {
+  const row = event.target.closest("tr[data-index]");
+  if (!row) return;
+  clearError();
+  openLatent(row.dataset.sae, Number(row.dataset.index));
+}
+
 // ------------------------------------------------------------------ start
 
 async function init() {
   $("controls").addEventListener("submit", run);
   $("adapter").addEventListener("change", onAdapterChange);
+  $("adapter").addEventListener("change", onAdapterLatents);
+  $("latent").addEventListener("change", onLatentChange);
+  $("latent-search").addEventListener("submit", search);
+  $("search-results").addEventListener("click", onSearchClick);
   $("latent").addEventListener("input", () => {
     if (!state.run) return;
     clearError();
@@ -432,6 +695,7 @@ async function init() {
     const ready = state.adapters.filter((a) => a.status === "ready").length;
     setStatus("ready", `${health.model} \u00b7 ${state.saes.length} SAE(s) \u00b7 ${ready} adapter(s)`);
     $("run").disabled = false;
+    $("search-run").disabled = false;
   } catch (err) {
     setStatus("error", "not ready");
     showError(err);
