@@ -53,7 +53,15 @@ from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic, write_json_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
-from lorasae.models import final_norm, load_model, logits_from_hidden, model_fingerprint, output_head
+from lorasae.models import (
+    cache_kwarg,
+    final_norm,
+    load_model,
+    logits_from_hidden,
+    model_fingerprint,
+    output_cache,
+    output_head,
+)
 from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
 from lorasae.splice import Splice, run_until, stop_after
 
@@ -331,10 +339,11 @@ def _effects_of_sequence(
     length = int(positions.max()) + 1
     ids = job.sequences[seq, :length][None].to(device)
     captured: list[torch.Tensor] = []
-    handle = output_head(model).register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
+    # the final norm's output is what the unembedding reads: the logits are formed at the end
+    handle = final_norm(model).register_forward_hook(lambda _m, _args, out: captured.append(out))
     try:
         with Splice(model, job.saes, job.cfg.keep_first):
-            cache = model(input_ids=ids, use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
         clean = captured.pop()[0, positions.to(device)].float().cpu()
         ablated = []
         for chunk in torch.split(torch.arange(which.numel()), DECODE_ROWS):
@@ -377,8 +386,8 @@ def _decode_ablated(
             input_ids=job.sequences[seq, positions][:, None].to(device),
             attention_mask=mask.to(device),
             position_ids=positions[:, None].to(device),
-            past_key_values=step_cache,
             use_cache=True,
+            **{cache_kwarg(job.model): step_cache},
         )
     return captured.pop()[:, 0].float().cpu()
 
