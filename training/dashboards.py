@@ -98,7 +98,10 @@ class DashboardConfig:
     )
     corpus: str = corpus_field()
     split: Literal["train", "heldout"] = field(default="train", metadata={"help": "corpus split to read"})
-    tokens: int = field(default=65_536, metadata={"help": "tokens to read (packed sequences of --ctx)"})
+    tokens: int = field(
+        default=32_768,
+        metadata={"help": "tokens to read (packed sequences of --ctx; default: ~8 min on 2 CPU cores)"},
+    )
     ctx: int = ctx_field()
     batch_size: int = field(default=16, metadata={"help": "sequences per forward"})
     top_n: int = field(default=20, metadata={"help": "top-activating contexts kept per latent"})
