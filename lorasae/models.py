@@ -138,18 +138,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM, plain or wrapped by peft."""
+def _submodule(model: nn.Module, paths: tuple[str, ...], kind: type[nn.Module]) -> nn.Module | None:
+    """The first of the dotted ``paths`` (attribute paths under the unwrapped model) that is a ``kind``."""
     base = unwrap(model)
-    for path in _LAYER_PATHS:
+    for path in paths:
         module: object = base
         for part in path.split("."):
             module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, kind):
             return module
-    raise LorasaeError(f"cannot find the decoder layers of {type(base).__name__}")
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM, plain or wrapped by peft."""
+    layers = _submodule(model, _LAYER_PATHS, nn.ModuleList)
+    if not isinstance(layers, nn.ModuleList):
+        raise LorasaeError(f"cannot find the decoder layers of {type(unwrap(model)).__name__}")
+    return layers
 
 
 def model_config(model: nn.Module) -> PretrainedConfig:
@@ -192,14 +198,10 @@ _NORM_PATHS = (
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied to the last hidden state before the unembedding (Llama/Gemma/Qwen/GPT-2)."""
-    base = unwrap(model)
-    for path in _NORM_PATHS:
-        module: object = base
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise LorasaeError(f"cannot find the final norm of {type(base).__name__}")
+    norm = _submodule(model, _NORM_PATHS, nn.Module)
+    if norm is None:
+        raise LorasaeError(f"cannot find the final norm of {type(unwrap(model)).__name__}")
+    return norm
 
 
 def output_head(model: nn.Module) -> nn.Module:
