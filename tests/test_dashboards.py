@@ -268,12 +268,12 @@ def test_logit_lens_is_decoder_row_through_final_norm_and_unembedding(reference,
 
 
 def test_pandas_and_duckdb_read_the_files_without_lorasae(reference):
+    import duckdb
     import pandas as pd
 
     out, _ = reference
     frame = pd.read_parquet(out / latents_file(1))
     assert len(frame) == 64 and frame["latent"].tolist() == list(range(64))
-    duckdb = pytest.importorskip("duckdb")
     top = duckdb.sql(
         f"""
         SELECT l.latent, c.activation, t.text
@@ -283,7 +283,7 @@ def test_pandas_and_duckdb_read_the_files_without_lorasae(reference):
         WHERE t.id = c.token_ids[c.position - c.start + 1]
         ORDER BY c.activation DESC LIMIT 1
         """
-    ).fetchone()
+    ).fetchall()[0]
     assert top[1] == pytest.approx(float(frame["max_activation"].max()), abs=1e-6)
     assert isinstance(top[2], str) and top[2]
 
