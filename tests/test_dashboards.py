@@ -471,3 +471,12 @@ def test_served_record_and_features_latents_reproduce_the_stored_contexts(refere
     finally:
         engine.close()
     assert checked >= 10
+
+
+def test_a_run_that_fails_to_load_leaves_out_untouched(tiny_world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "d"
+    monkeypatch.delenv("LORASAE_DEBUG", raising=False)
+    rc = main(["dashboards", *cli_args(config(tiny_world, saes=[str(tmp_path / "no-such-sae")]), out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("error")]
+    assert rc == 2 and len(err) == 1 and "no-such-sae" in err[0]
+    assert not out.exists()  # so the corrected command runs without --resume

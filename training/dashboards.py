@@ -189,10 +189,6 @@ def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dic
         old = json.loads(saved.read_text())
         changed = sorted(k for k, v in asdict(cfg).items() if old.get(k) != v)
         raise LorasaeError(f"--resume with different settings: {changed}")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        write_json_atomic(saved, asdict(cfg))
-
     manifest = AdapterManifest.load(cfg.adapter) if cfg.adapter else None
     device = cfg.device or str(state.device)
     lm = load_model(cfg.model, device, cfg.dtype)
@@ -215,6 +211,9 @@ def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dic
         processes=state.num_processes,
         wait=state.wait_for_everyone,
     )
+    state.wait_for_everyone()  # every process has checked --out before anything is written to it
+    if state.is_main_process:  # written once the inputs load, so a bad flag leaves --out untouched
+        write_json_atomic(saved, asdict(cfg))
     _statistics_pass(job)
     job.wait()
     stats = _merged_stats(job)
