@@ -16,6 +16,7 @@ own ``ce_spliced`` (only that SAE spliced) and, with an adapter, its own ``ce_ad
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorasae.errors import LorasaeError
 from lorasae.saes import LoadedSAE
 from lorasae.splice import Splice, zero_ablation
 
@@ -134,15 +136,41 @@ def evaluate(
     keep_first: bool = True,
     adapter: bool = False,
     progress: bool = True,
+    splice_sets: bool = False,
 ) -> dict:
     """Held-out metrics on ``sequences`` (``[N, T]`` token ids; each row a packed sequence).
 
     With ``adapter`` the model is a peft model whose active adapter is evaluated; clean, spliced and
     zero-ablation numbers are taken with the adapter disabled, so everything comes from one copy of
-    the weights.
+    the weights. With several SAEs each is also spliced alone; with ``splice_sets`` every non-empty
+    subset of them is (``result["splice_sets"]``): an adapter trained for a set of SAEs can make CE
+    worse than no adapter when used with part of it.
     """
+    if splice_sets and len(saes) > MAX_SPLICE_SET_SAES:
+        raise LorasaeError(
+            f"splice sets of {len(saes)} SAEs are {2 ** len(saes) - 1} evaluations; "
+            f"the limit is {MAX_SPLICE_SET_SAES} SAEs"
+        )
+    subsets = _subsets(saes, splice_sets)
     with eval_mode(model):
-        return _evaluate(model, saes, sequences, batch_size, keep_first, adapter, progress)
+        return _evaluate(model, saes, sequences, batch_size, keep_first, adapter, progress, subsets)
+
+
+MAX_SPLICE_SET_SAES = 6
+
+
+def _subsets(saes: Sequence[LoadedSAE], every: bool) -> list[tuple[LoadedSAE, ...]]:
+    """The proper subsets of ``saes`` evaluated besides the whole set: all of them with ``every``,
+    else each SAE alone (none for a single SAE)."""
+    if len(saes) < 2:
+        return []
+    if not every:
+        return [(s,) for s in saes]
+    return [c for n in range(1, len(saes)) for c in itertools.combinations(saes, n)]
+
+
+def _set_key(subset: Sequence[LoadedSAE]) -> str:
+    return "+".join(str(s.layer) for s in subset)
 
 
 def _evaluate(
@@ -153,6 +181,7 @@ def _evaluate(
     keep_first: bool,
     adapter: bool,
     progress: bool,
+    subsets: list[tuple[LoadedSAE, ...]],
 ) -> dict:
     device = next(model.parameters()).device
     # with ``adapter`` the model is a peft model (nn.Module.__getattr__ types its methods as Tensor | Module)
@@ -161,7 +190,6 @@ def _evaluate(
     )
     sums = _Sums()
     stats = {s.layer: _SaeStats(s.d_sae) for s in saes}
-    multi = len(saes) > 1
     n_pred = 0
     batches = range(0, sequences.shape[0], batch_size)
     for start in tqdm(batches, desc="evaluating", leave=False, disable=not progress):
@@ -179,8 +207,7 @@ def _evaluate(
             del spliced
             with zero_ablation(model, [s.layer for s in saes], keep_first):
                 sums.add("ce_zero_ablation", token_ce(next_token_logprobs(model, ids), ids))
-            if multi:
-                _add_single_sae_ce(sums, "ce_spliced", model, saes, ids, keep_first)
+            _add_subset_ce(sums, "ce_spliced", model, subsets, ids, keep_first)
         if adapter:
             with Splice(model, saes, keep_first):
                 adapted = next_token_logprobs(model, ids)
@@ -188,19 +215,23 @@ def _evaluate(
             sums.add("kl_adapted_spliced", kl_per_token(clean, adapted))
             del adapted
             sums.add("ce_adapted_clean", token_ce(next_token_logprobs(model, ids), ids))
-            if multi:
-                _add_single_sae_ce(sums, "ce_adapted_spliced", model, saes, ids, keep_first)
+            _add_subset_ce(sums, "ce_adapted_spliced", model, subsets, ids, keep_first)
     mean = {k: v / n_pred for k, v in sums.values.items()}
-    return _summarise(mean, saes, stats, n_pred, adapter, keep_first)
+    return _summarise(mean, saes, stats, n_pred, adapter, keep_first, subsets)
 
 
-def _add_single_sae_ce(
-    sums: _Sums, key: str, model: nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, keep_first: bool
+def _add_subset_ce(
+    sums: _Sums,
+    key: str,
+    model: nn.Module,
+    subsets: list[tuple[LoadedSAE, ...]],
+    ids: torch.Tensor,
+    keep_first: bool,
 ) -> None:
-    """CE with each SAE spliced alone, summed under ``"<layer>/<key>"``."""
-    for sae in saes:
-        with Splice(model, [sae], keep_first):
-            sums.add(f"{sae.layer}/{key}", token_ce(next_token_logprobs(model, ids), ids))
+    """CE with each subset of the SAEs spliced, summed under ``"<layers>/<key>"`` (layers joined by +)."""
+    for subset in subsets:
+        with Splice(model, subset, keep_first):
+            sums.add(f"{_set_key(subset)}/{key}", token_ce(next_token_logprobs(model, ids), ids))
 
 
 def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) -> dict:
@@ -213,7 +244,13 @@ def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) ->
 
 
 def _summarise(
-    mean: dict, saes: Sequence[LoadedSAE], stats: dict, n_pred: int, adapter: bool, keep_first: bool
+    mean: dict,
+    saes: Sequence[LoadedSAE],
+    stats: dict,
+    n_pred: int,
+    adapter: bool,
+    keep_first: bool,
+    subsets: list[tuple[LoadedSAE, ...]],
 ) -> dict:
     ce_clean, ce_zero = mean["ce_clean"], mean["ce_zero_ablation"]
     out: dict = {"ce_clean": ce_clean}
@@ -247,4 +284,20 @@ def _summarise(
     out["tokens"] = n_pred
     out["keep_first_position"] = keep_first
     out["saes"] = per_sae
+    if subsets:  # several SAEs: the whole set, then each subset evaluated
+        whole = {
+            "layers": [s.layer for s in saes],
+            **_gap_fields(ce_clean, mean["ce_spliced"], mean.get("ce_adapted_spliced")),
+        }
+        out["splice_sets"] = [whole] + [
+            {
+                "layers": [s.layer for s in subset],
+                **_gap_fields(
+                    ce_clean,
+                    mean[f"{_set_key(subset)}/ce_spliced"],
+                    mean.get(f"{_set_key(subset)}/ce_adapted_spliced"),
+                ),
+            }
+            for subset in subsets
+        ]
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -89,13 +90,16 @@ class ValidatedAdapter:
     layers: tuple[int, ...]  # layers of the SAEs it was trained with
     manifest: Any  # lorasae.manifest.AdapterManifest
     fingerprint: str  # of the weights (lorasae.manifest.adapter_fingerprint): ties dashboards to it
+    # SAE layers spliced -> held-out CE its training measured (``measured_splice_sets``)
+    splice_sets: dict[tuple[int, ...], dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
-class _Slot:
+class AdapterSlot:
     layers: tuple[int, ...]
     generation: int  # unique per registration: a name deleted and registered again gets a new one
     fingerprint: str  # of the weights: picks the dashboards made through this adapter
+    splice_sets: dict[tuple[int, ...], dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,7 +118,7 @@ class Engine:
         self.base = self.lm.model
         self.base.eval()
         self.peft: PeftModel | None = None  # once an adapter is loaded
-        self.adapters: dict[str, _Slot] = {}
+        self.adapters: dict[str, AdapterSlot] = {}
         self.model_fingerprint = model_fingerprint(self.base)
         # the plain model's module names, for checking which modules an adapter config targets
         self._module_names = tuple(name for name, _ in self.base.named_modules() if name)
@@ -356,6 +360,7 @@ class Engine:
             layers=layers,
             manifest=manifest,
             fingerprint=adapter_fingerprint(state),
+            splice_sets=measured_splice_sets(manifest.eval_after),
         )
 
     def _check_shapes(self, config, state: dict[str, torch.Tensor]) -> None:
@@ -459,8 +464,11 @@ class Engine:
             raise ServiceError(
                 409, "adapter_mismatch", f"adapter does not load into the model: {type(exc).__name__}: {exc}"
             ) from exc
-        self.adapters[name] = _Slot(
-            layers=adapter.layers, generation=next(self._generations), fingerprint=adapter.fingerprint
+        self.adapters[name] = AdapterSlot(
+            layers=adapter.layers,
+            generation=next(self._generations),
+            fingerprint=adapter.fingerprint,
+            splice_sets=adapter.splice_sets,
         )
 
     def remove_adapter(self, name: str) -> None:
@@ -563,6 +571,30 @@ def _to_rows(
             )
         )
     return results
+
+
+MEASURED_KEYS = ("ce_spliced", "ce_adapted_spliced", "gap_closed")
+
+
+def measured_splice_sets(eval_after: dict[str, Any] | None) -> dict[tuple[int, ...], dict[str, float | None]]:
+    """The ``splice_sets`` an adapter's training measured (``lorasae.json`` ``eval_after``), by SAE
+    layers. The manifest comes from an upload: anything not shaped as expected is left out."""
+    found: dict[tuple[int, ...], dict[str, float | None]] = {}
+    rows = (eval_after or {}).get("splice_sets")
+    if not isinstance(rows, list):
+        return found
+    for row in rows[:64]:
+        if not isinstance(row, dict):
+            continue
+        layers = row.get("layers")
+        if not isinstance(layers, list) or not 0 < len(layers) <= 64:
+            continue
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            continue
+        values = {k: row.get(k) for k in MEASURED_KEYS}
+        if all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in values.values()):
+            found[tuple(sorted(layers))] = {k: None if v is None else float(v) for k, v in values.items()}
+    return found
 
 
 def latent_union(rows: list[Row], layer: int) -> list[int]:

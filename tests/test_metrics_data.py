@@ -376,3 +376,42 @@ def test_hf_dataset_corpus_is_streamed_by_row(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", missing)
     with pytest.raises(LorasaeError, match="cannot stream corpus 'someone/gone'"):
         token_stream(tok, "train", 10, corpus="someone/gone")
+
+
+def test_evaluate_splice_sets_reports_every_subset_with_and_without_the_adapter(seqs):
+    model = build_model("llama")
+    saes = [wrap(make_topk_sae(hook_name=f"blocks.{layer}.hook_resid_post", seed=3 + layer), f"L{layer}")
+            for layer in (0, 1, 2)]
+    peft_model = peft_wrap(model, "llama", random_b=True)
+    r = evaluate(peft_model, saes, seqs, adapter=True, progress=False, splice_sets=True)
+    sets = {tuple(row["layers"]): row for row in r["splice_sets"]}
+    assert list(sets) == [(0, 1, 2), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]  # whole set first
+    assert sets[(0, 1, 2)]["ce_adapted_spliced"] == r["ce_adapted_spliced"]
+    for layers, row in sets.items():
+        subset = [s for s in saes if s.layer in layers]
+        fns = {s.layer: sae_fn(s.sae) for s in subset}
+        assert row["ce_adapted_spliced"] == pytest.approx(ce_of(manual_logits(peft_model, seqs, fns), seqs),
+                                                          abs=1e-5), layers
+        with peft_model.disable_adapter():
+            base = ce_of(manual_logits(peft_model, seqs, fns), seqs)
+        assert row["ce_spliced"] == pytest.approx(base, abs=1e-5), layers
+        assert row["gap_closed"] == pytest.approx(
+            (row["ce_spliced"] - row["ce_adapted_spliced"]) / (row["ce_spliced"] - r["ce_clean"]), abs=1e-9)
+    # without the flag: the whole set and each SAE alone (what training records in its manifest)
+    plain = evaluate(peft_model, saes[:2], seqs, adapter=True, progress=False)
+    assert [row["layers"] for row in plain["splice_sets"]] == [[0, 1], [0], [1]]
+    assert "splice_sets" not in evaluate(peft_model, saes[:1], seqs, adapter=True, progress=False)
+    with pytest.raises(LorasaeError, match="limit"):
+        evaluate(peft_model, saes * 3, seqs, adapter=True, progress=False, splice_sets=True)
+
+
+def test_splice_set_table_flags_subsets_worse_than_no_adapter():
+    from lorasae.training.eval import splice_set_table
+
+    table = splice_set_table({"splice_sets": [
+        {"layers": [8, 15], "ce_spliced": 3.818, "ce_adapted_spliced": 3.667, "gap_closed": 0.36},
+        {"layers": [8], "ce_spliced": 3.541, "ce_adapted_spliced": 3.639, "gap_closed": -0.685}]})
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("8+15") and "0.360" in lines[1]
+    assert "worse than no adapter" in lines[2] and "-0.685" in lines[2]
+    assert "worse" not in lines[1] and splice_set_table({}) == ""

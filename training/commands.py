@@ -25,7 +25,7 @@ from lorasae.saes import load_sae
 from .compare import PRESETS, CompareConfig, run_compare
 from .dashboards import DashboardConfig, run_dashboards
 from .demo import DemoConfig, run_demo
-from .eval import EvalConfig, run_eval
+from .eval import EvalConfig, run_eval, splice_set_table
 from .fields import device_field, dtype_field, model_field
 from .loop import LoopConfig
 from .merge import MergeConfig, run_merge
@@ -114,7 +114,11 @@ def _print_json(result: dict, out: str | Path | None = None) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    _print_json(run_eval(cliargs.build(EvalConfig, args)), cliargs.build(EvalOptions, args).out)
+    result = run_eval(cliargs.build(EvalConfig, args))
+    table = splice_set_table(result)
+    if table:
+        print(table, file=sys.stderr, flush=True)
+    _print_json(result, cliargs.build(EvalOptions, args).out)
 
 
 def train_sae_command(args: argparse.Namespace) -> None:

@@ -44,6 +44,13 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per forward"})
     corpus: str = corpus_field()
     keep_first: bool = keep_first_field()
+    splice_sets: bool = field(
+        default=False,
+        metadata={
+            "help": "CE for every subset of the SAEs spliced, with and without the adapter "
+            "(default with several SAEs: each alone)"
+        },
+    )
     device: str | None = device_field()
     dtype: str | None = dtype_field()
 
@@ -78,7 +85,15 @@ def run_eval(cfg: EvalConfig) -> dict:
         manifest.check(ids["model_fingerprint"], saes)
     sequences = packed_sequences(lm.tokenizer, "heldout", cfg.tokens, cfg.ctx, cfg.corpus)
     model = lm.model if cfg.adapter is None else load_adapter(lm.model, cfg.adapter)
-    result = evaluate(model, saes, sequences, cfg.batch_size, cfg.keep_first, adapter=cfg.adapter is not None)
+    result = evaluate(
+        model,
+        saes,
+        sequences,
+        cfg.batch_size,
+        cfg.keep_first,
+        adapter=cfg.adapter is not None,
+        splice_sets=cfg.splice_sets,
+    )
     for entry in result["saes"]:
         entry["fingerprint"] = ids["sae_fingerprints"][entry["id"]]
     return {
@@ -90,3 +105,26 @@ def run_eval(cfg: EvalConfig) -> dict:
         "ctx": cfg.ctx,
         "seconds": round(time.time() - started, 1),
     }
+
+
+def splice_set_table(result: dict) -> str:
+    """The ``splice_sets`` of an evaluation as a text table (empty without them): which subset of
+    the SAEs is spliced, CE without and with the adapter, the fraction of that subset's gap closed;
+    a negative fraction means the adapter makes that subset worse than no adapter."""
+    rows = result.get("splice_sets") or []
+    if not rows:
+        return ""
+    adapted = "ce_adapted_spliced" in rows[0]
+    lines = [
+        f"{'SAE layers spliced':<20} {'CE no adapter':>14}"
+        + (f" {'CE adapter':>11} {'gap closed':>11}" if adapted else "")
+    ]
+    for row in rows:
+        line = f"{'+'.join(map(str, row['layers'])):<20} {row['ce_spliced']:>14.4f}"
+        if adapted:
+            closed = row.get("gap_closed")
+            shown = "n/a" if closed is None else f"{closed:.3f}"
+            flag = "  <- worse than no adapter" if closed is not None and closed < 0 else ""
+            line += f" {row['ce_adapted_spliced']:>11.4f} {shown:>11}{flag}"
+        lines.append(line)
+    return "\n".join(lines)

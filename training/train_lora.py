@@ -193,6 +193,7 @@ def _headline(result: dict) -> dict:
         "kl_spliced",
         "kl_adapted_spliced",
         "tokens",
+        "splice_sets",  # several SAEs: each subset with and without the adapter (the server warns with it)
     )
     return {
         k: result[k]

@@ -27,6 +27,7 @@ import os
 import random
 import tarfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,7 +38,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from .errors import APIConnectionError, APITimeoutError, error_for_status
+from .errors import APIConnectionError, APITimeoutError, LoraSaeWarning, error_for_status
 from .schemas import (
     AdapterInfo,
     AdapterList,
@@ -290,6 +291,15 @@ class _Core:
     def _parse(response: httpx.Response, model: type[M]) -> M:
         return model.model_validate_json(response.content)
 
+    @staticmethod
+    def _features_response(response: httpx.Response) -> FeaturesResponse:
+        """The parsed answer; each server warning (e.g. an adapter used with other SAEs than it was
+        trained with) is also raised as a Python ``LoraSaeWarning``, so a notebook shows it."""
+        parsed = FeaturesResponse.model_validate_json(response.content)
+        for warning in parsed.warnings:
+            warnings.warn(f"{warning.code}: {warning.message}", LoraSaeWarning, stacklevel=3)
+        return parsed
+
 
 def _retry_after_seconds(value: str | None) -> float | None:
     """A Retry-After header as seconds from now: delay-seconds or an HTTP-date (RFC 9110); None
@@ -384,7 +394,7 @@ class LoraSaeClient(_Core):
         ``latents`` ({SAE id: [latent indices]}) also returns those latents' activations at every
         token, top-k or not: ``TokenResult.latents``, or as a table ``latents_frame()``."""
         req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k, latents)
-        return self._parse(self._send(req), FeaturesResponse)
+        return self._features_response(self._send(req))
 
     def latent(self, sae: str, index: int, adapter: str | None = None) -> LatentRecord:
         """The dashboard record of latent ``index`` of SAE ``sae`` (with ``adapter``: the one
@@ -511,7 +521,7 @@ class AsyncLoraSaeClient(_Core):
         latents: Mapping[str, Sequence[int]] | None = None,
     ) -> FeaturesResponse:
         req = self._features(inputs, adapter, saes, top_k, logits, logits_top_k, latents)
-        return self._parse(await self._send(req), FeaturesResponse)
+        return self._features_response(await self._send(req))
 
     async def latent(self, sae: str, index: int, adapter: str | None = None) -> LatentRecord:
         return self._parse(await self._send(self._latent(sae, index, adapter)), LatentRecord)

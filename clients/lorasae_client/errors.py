@@ -12,6 +12,11 @@ class LoraSaeError(Exception):
     """Base class of every error the client raises."""
 
 
+class LoraSaeWarning(UserWarning):
+    """A server answer carried a warning (``FeaturesResponse.warnings``): the answer is what was asked,
+    but maybe not what was meant (e.g. an adapter used with part of the SAE set it was trained with)."""
+
+
 class APIConnectionError(LoraSaeError):
     """The server could not be reached (after the retries)."""
 

@@ -121,11 +121,25 @@ class SaeInfo(_Model):
     hook_name: str | None = None
 
 
+class ResponseWarning(_Model):
+    """Something about an answer the caller should know; the answer is still what was asked.
+
+    ``splice_set_differs``: the request splices other SAEs than the adapter was trained with (an
+    adapter trained for a set of SAEs can make CE worse than no adapter with part of the set);
+    ``measured`` has the held-out CE of that subset without / with the adapter when its training
+    run measured it (``ce_spliced``, ``ce_adapted_spliced``, ``gap_closed``)."""
+
+    code: str
+    message: str
+    measured: dict[str, float | None] | None = None
+
+
 class FeaturesResponse(_Model):
     model: str
     adapter: str | None = None
     saes: list[SaeInfo]
     results: list[InputResult]
+    warnings: list[ResponseWarning] = Field(default_factory=list)
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per (input, token, SAE, latent): a long table for notebooks (needs pandas).

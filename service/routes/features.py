@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from lorasae_client.schemas import ErrorResponse, FeaturesRequest, FeaturesResponse
 
 from ..deps import Service, ready_service
-from ..engine import Engine, Row, RowOutput
+from ..engine import AdapterSlot, Engine, Row, RowOutput
 from ..errors import ServiceError, shown
 from ..settings import Settings
 
@@ -35,11 +35,14 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
     engine, registry, batcher = svc.loaded()
     settings = svc.settings
     default_layers, generation = None, 0
+    warnings = []
     if req.adapter is not None:
         registry.require_ready(req.adapter)
         slot = engine.adapters[req.adapter]
         default_layers, generation = slot.layers, slot.generation
     layers = engine.select_layers(req.saes, default_layers)
+    if req.adapter is not None and layers != slot.layers:
+        warnings.append(splice_set_warning(engine, req.adapter, slot, layers))
     latents = requested_latents(req, engine, layers)
     sequences = await input_sequences(req, engine, settings)
     check_response_size(
@@ -65,8 +68,34 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
     ]
     outputs = await batcher.submit(rows)
     # built off the event loop, so /healthz and other requests keep being answered meanwhile
-    body = await run_in_threadpool(render_body, engine, req, layers, outputs)
+    body = await run_in_threadpool(render_body, engine, req, layers, outputs, warnings)
     return Response(body, media_type="application/json")
+
+
+def splice_set_warning(engine: Engine, adapter: str, slot: AdapterSlot, layers: tuple[int, ...]) -> dict:
+    """The ``splice_set_differs`` warning: the request splices other SAEs than ``adapter`` was
+    trained with; with the held-out CE its training measured for that subset, when it did."""
+
+    def names(of: tuple[int, ...]) -> str:
+        return "{" + ", ".join(engine.names[layer] for layer in of) + "}" if of else "{}"
+
+    trained = slot.layers
+    message = (
+        f"adapter {adapter!r} was trained with the SAEs {names(trained)} spliced together; this request "
+        f"splices {names(layers)}. An adapter used with part of its SAE set corrects for errors that "
+        "are not there and can make CE worse than no adapter"
+    )
+    measured = slot.splice_sets.get(layers) if set(layers) < set(trained) else None
+    if measured is not None and measured.get("ce_adapted_spliced") is not None:
+        closed = measured.get("gap_closed")
+        message += (
+            f"; measured after training: CE {measured['ce_adapted_spliced']:.3f} with the adapter vs "
+            f"{measured['ce_spliced']:.3f} without"
+            + ("" if closed is None else f" ({closed:.0%} of this subset's gap closed)")
+        )
+    elif set(layers) - set(trained):
+        message += "; SAEs outside its set were never seen in training"
+    return {"code": "splice_set_differs", "message": message, "measured": measured}
 
 
 def requested_latents(
@@ -192,15 +221,21 @@ def check_response_size(
 
 
 def render_body(
-    engine: Engine, req: FeaturesRequest, layers: tuple[int, ...], outputs: list[RowOutput]
+    engine: Engine,
+    req: FeaturesRequest,
+    layers: tuple[int, ...],
+    outputs: list[RowOutput],
+    warnings: list[dict] | None = None,
 ) -> str:
-    """The JSON answer (see ``lorasae_client.schemas.FeaturesResponse``)."""
-    body = {
+    """The JSON answer (see ``lorasae_client.schemas.FeaturesResponse``); ``warnings`` only when any."""
+    body: dict[str, Any] = {
         "model": engine.model_id,
         "adapter": req.adapter,
         "saes": engine.sae_info(layers),
         "results": [{"tokens": render_tokens(engine, out)} for out in outputs],
     }
+    if warnings:
+        body["warnings"] = warnings
     return json.dumps(body, separators=(",", ":"))
 
 
