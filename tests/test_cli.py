@@ -69,7 +69,7 @@ def test_parser_defaults():
 
 # Every subcommand with the flags the README and service/README document for it.
 DOCUMENTED_FLAGS = {
-    "eval": "--model --sae --adapter --tokens --ctx --batch-size --corpus --splice-first --device "
+    "eval": "--model --sae --adapter --tokens --ctx --batch-size --corpus --splice-first --splice-sets --device "
             "--dtype --out",
     "train-sae": "--model --device --dtype --layer --k --expansion --tokens --ctx --epochs "
                  "--batch-size --lr --seed --corpus --out",
