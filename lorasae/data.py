@@ -114,6 +114,12 @@ def iter_documents(corpus: str | None = None) -> Iterable[Document]:
     return _hub_documents(corpus)
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """The text of one token as it reads inside a text (a SentencePiece / byte-level token's
+    leading space kept), for tables and dashboards."""
+    return str(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)]))
+
+
 def tokenizer_key(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:12]

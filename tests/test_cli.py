@@ -90,6 +90,8 @@ DOCUMENTED_FLAGS = {
     "dashboards": "--model --sae --adapter --corpus --split --tokens --ctx --batch-size --top-n "
                   "--window-before --window-after --samples-per-interval --logit-top --effect-contexts "
                   "--shard-sequences --splice-first --device --dtype --out --resume",
+    "ab": "--model --adapter --sae --corpus --split --tokens --ctx --batch-size --top --window "
+          "--splice-first --device --dtype --out",
     "serve": "--host --port --model --sae --device --dtype --adapter-root --db --api-key-env "
              "--insecure-no-auth --allowed-host --max-batch --max-wait-ms --dashboards --config",
 }

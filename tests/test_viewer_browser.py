@@ -165,6 +165,13 @@ def test_viewer_renders_what_the_api_answers(page, server):
     base = _features(server, adapter=None, saes=["sae1", "sae2"])
     tokens, base_tokens = adapted["results"][0]["tokens"], base["results"][0]["tokens"]
 
+    # a1 was trained with sae1 alone: the server's splice-set warning is shown as it came
+    (warning,) = adapted["warnings"]
+    shown_warnings = page.eval_on_selector_all(
+        "#run-warnings .warning", "ws => ws.map(w => [w.dataset.code, w.textContent])")
+    assert shown_warnings == [[warning["code"], "warning: " + warning["message"]]]
+    assert warning["code"] == "splice_set_differs" and "warnings" not in base  # no adapter: no warning
+
     # tokens: texts, ids, positions; coloured by the most active latent of sae2
     spans = page.eval_on_selector_all(
         "#tokens .tok", "ss => ss.map(s => [s.textContent, +s.dataset.position, +s.dataset.id])")

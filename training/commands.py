@@ -1,5 +1,5 @@
 """The training package's `lorasae` subcommands: eval, train-sae, train, train-e2e, compare, sweep,
-dashboards, merge and demo.
+dashboards, ab, merge and demo.
 
 Every flag is a field (``lorasae.cliargs``): of the config the command runs with, or of the small
 option classes below for what is not a run setting (where the result goes, ``--resume``,
@@ -22,6 +22,7 @@ from lorasae.files import write_json_atomic
 from lorasae.models import DEFAULT_MODEL, load_model
 from lorasae.saes import load_sae
 
+from .ab import AbConfig, print_table, run_ab
 from .compare import PRESETS, CompareConfig, run_compare
 from .dashboards import DashboardConfig, run_dashboards
 from .demo import DemoConfig, run_demo
@@ -91,6 +92,16 @@ class DashboardOptions:
         metadata={"help": "folder for dashboards.json + one Parquet file per SAE (served with --dashboards)"},
     )
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run in --out"})
+
+
+@dataclass
+class AbOptions:
+    """Where `ab` writes."""
+
+    out: str = field(
+        default="lorasae-ab",
+        metadata={"help": "folder for tokens.parquet, ab.json and ab.png (new or empty)"},
+    )
 
 
 @dataclass
@@ -186,6 +197,12 @@ def dashboards_command(args: argparse.Namespace) -> None:
         _print_json(result)
 
 
+def ab_command(args: argparse.Namespace) -> None:
+    result = run_ab(cliargs.build(AbConfig, args), Path(cliargs.build(AbOptions, args).out))
+    print_table(result)
+    _print_json(result)
+
+
 def merge_command(args: argparse.Namespace) -> None:
     _print_json(run_merge(cliargs.build(MergeConfig, args)))
 
@@ -252,6 +269,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         DashboardConfig,
         DashboardOptions,
         help="per-latent dashboards (top contexts, histograms, logit lens, causal effect) as Parquet",
+    )
+    add(
+        subparsers,
+        "ab",
+        ab_command,
+        AbConfig,
+        AbOptions,
+        help="adapters A/B over a corpus: per-token CE, where each helps / hurts, enriched latents",
     )
     add(
         subparsers,

@@ -49,7 +49,7 @@ from lorasae.dashboards import (
     write_latents,
     write_tokens,
 )
-from lorasae.data import packed_sequences
+from lorasae.data import packed_sequences, token_text
 from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic, write_json_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
@@ -402,7 +402,7 @@ def _write(
 ) -> dict:
     cfg = job.cfg
     effects = _mean_effects(job, rows)
-    pieces = [_piece(job.tokenizer, i) for i in range(len(job.tokenizer))]
+    pieces = [token_text(job.tokenizer, i) for i in range(len(job.tokenizer))]
     write_tokens(out, pieces)
     entries = []
     tokens = int(job.sequences.shape[0] * (cfg.ctx - 1))
@@ -469,10 +469,6 @@ def _write(
         "processes": job.processes,
         "saes": summary_saes,
     }
-
-
-def _piece(tokenizer: Any, token_id: int) -> str:
-    return str(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)]))
 
 
 def _context(job: _Job, gidx: int, act: float, window: list[float], interval: str | None = None) -> dict:

@@ -157,3 +157,23 @@ def plot_densities(densities: dict[str, list[float]], path: Path) -> Path:
     ax.set_title("Latent densities")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_ab(buckets: list[dict], names: list[str], path: Path) -> Path:
+    """`lorasae ab`: mean CE gain (``ce_base - ce_adapter``, nats) per token-frequency bucket,
+    grouped bars with one colour per adapter; the base model (SAEs spliced, no adapter) is 0."""
+    rows = [b for b in buckets if b["tokens"]]
+    fig = Figure(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [b["adapters"][name]["gain"] for b in rows], width=width, label=name)
+    ax.axhline(0.0, color="black", linewidth=1, label="base (SAEs spliced, no adapter)")
+    ax.set_xticks(range(len(rows)), [f"{b['bucket']}\n({b['tokens']} tok)" for b in rows])
+    ax.set_xlabel("rank of the predicted token's frequency")
+    ax.set_ylabel("mean CE gain over base (nats)")
+    ax.set_title("Adapter CE gain by token frequency (SAEs spliced)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

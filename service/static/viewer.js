@@ -196,6 +196,7 @@ async function run(event) {
 function clearViews() {
   $("tokens").replaceChildren();
   $("run-info").textContent = "";
+  $("run-warnings").replaceChildren();
   $("latent-info").textContent = "";
   $("panel").replaceChildren(el("p", {class: "hint"}, "Run a text, then hover a token."));
   $("panel").dataset.position = "";
@@ -208,6 +209,9 @@ function render() {
   const tokens = main.results[0].tokens;
   $("run-info").textContent = `${tokens.length} tokens \u00b7 ${adapter ? `adapter ${adapter}` : "base model"}`
                               + ` \u00b7 spliced: ${splice.join(", ")} \u00b7 viewing ${sae}`;
+  // the server's warnings (e.g. the adapter used with other SAEs than it was trained with)
+  $("run-warnings").replaceChildren(...(main.warnings || []).map(
+    (w) => el("p", {class: "warning", "data-code": w.code}, el("strong", {}, "warning: "), w.message)));
   renderTokens();
   renderPanel(tokens.length > 1 ? 1 : 0);
   renderCompare();
