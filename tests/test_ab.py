@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 from service_fixtures import make_adapter
+from test_dashboards import lm, saes  # noqa: F401 - the tiny world's model and SAEs, per module
 from tiny_world import CTX
 
 from lorasae.cli import main
 from lorasae.data import packed_sequences
 from lorasae.metrics import evaluate
 from lorasae.models import load_model
-from lorasae.saes import load_sae
 from lorasae.splice import replace_outputs
 from lorasae.training.ab import AbConfig, adapter_names, run_ab
 from lorasae.training.eval import load_adapter
@@ -56,16 +56,6 @@ def run(tiny_world, adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("ab") / "out"
     summary = run_ab(config(tiny_world, adapters), out)
     return out, summary, json.loads((out / "ab.json").read_text()), pd.read_parquet(out / "tokens.parquet")
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_world):
-    return load_model(str(tiny_world.model), "cpu", None)
-
-
-@pytest.fixture(scope="module")
-def saes(tiny_world, lm):
-    return [load_sae(str(tiny_world.sae1), model=lm.model), load_sae(str(tiny_world.sae2), model=lm.model)]
 
 
 @pytest.fixture(scope="module")
