@@ -246,15 +246,3 @@ class Dashboard:
         if row["latent"] != index:
             raise LorasaeError(f"{entry.file} is not sorted by latent (row {index} holds {row['latent']})")
         return row
-
-    def columns(self, layer: int, names: list[str]) -> dict[str, list[Any]]:
-        """Whole columns of one SAE's table (for search indexes), as Python lists."""
-        return self._file(layer).read(columns=names).to_pydict()
-
-    def tokens(self) -> list[str]:
-        import pyarrow.parquet as pq
-
-        path = self.directory / TOKENS_FILE
-        if not path.is_file():
-            raise LorasaeError(f"dashboard {self.directory}: {TOKENS_FILE} is missing")
-        return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]

@@ -114,10 +114,36 @@ def iter_documents(corpus: str | None = None) -> Iterable[Document]:
     return _hub_documents(corpus)
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """The text of one token as it reads inside a text (a SentencePiece / byte-level token's
-    leading space kept), for tables and dashboards."""
-    return str(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)]))
+class TokenTexts:
+    """The text of single tokens as they read inside a text (leading space kept), cached per id.
+
+    Decoding a token alone drops the leading space of SentencePiece-style tokens, so each is decoded
+    after an anchor token and the anchor's text is cut off again. Not thread-safe: callers sharing
+    one Rust tokenizer between threads serialise their calls.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+        self._anchor: tuple[list[int], str] | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids))
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            if self._anchor is None:
+                ids = list(self.tokenizer("a", add_special_tokens=False)["input_ids"][:1])
+                self._anchor = (ids, self._decode(ids) if ids else "")
+            anchor_ids, anchor_text = self._anchor
+            both = self._decode(anchor_ids + [token_id]) if anchor_ids else ""
+            if anchor_text and both.startswith(anchor_text):
+                text = both[len(anchor_text) :]
+            else:
+                text = self._decode([token_id])
+            self._texts[token_id] = text
+        return text
 
 
 def tokenizer_key(tokenizer) -> str:

@@ -41,8 +41,8 @@ class Service:
         self.metrics = Metrics()
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
-        self.dashboards = dashboards or DashboardIndex()  # the settings' dashboards once started
-        self._dashboards_built = dashboards is not None
+        # the settings' dashboards, indexed against the engine (here, or in start())
+        self.dashboards = dashboards or DashboardIndex()
         self.error: str | None = None  # why loading failed
         self.ready = asyncio.Event()
 
@@ -53,7 +53,7 @@ class Service:
             if self.engine is None:
                 log.info("loading model %r and SAEs %s", s.model, s.saes or "(default)")
                 self.engine = await asyncio.to_thread(Engine.from_settings, s)
-            if s.dashboards and not self._dashboards_built:
+            if s.dashboards and not self.dashboards:  # not indexed by the caller
                 log.info("indexing latent dashboards %s", s.dashboards)
                 self.dashboards = await asyncio.to_thread(DashboardIndex.build, self.engine, s.dashboards)
             adapter_root, db_path = s.adapter_root, s.db_path

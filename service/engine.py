@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from lorasae.data import TokenTexts
 from lorasae.errors import LorasaeError
 from lorasae.models import LoadedModel, load_model, model_fingerprint, unwrap
 from lorasae.saes import DefaultSaeMaker, LoadedSAE, check_distinct_layers, resolve_saes, sae_fingerprint
@@ -41,7 +42,6 @@ from .settings import Settings
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch.nn.modules.module import _IncompatibleKeys
-    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("lorasae.service")
 
@@ -128,8 +128,7 @@ class Engine:
         tok = self.lm.tokenizer
         self.bos = tok.bos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self._pieces: dict[int, str] = {}
-        self._anchor: tuple[list[int], str] | None = None
+        self._pieces = TokenTexts(tok)
         self._tok_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lorasae-engine")
         self._generations = itertools.count(1)
@@ -183,28 +182,9 @@ class Engine:
         return ([self.bos] if self.bos is not None else []) + ids
 
     def piece(self, token_id: int) -> str:
-        """The text of one token as it reads inside a text (leading space kept).
-
-        Decoding a token alone drops the leading space of SentencePiece-style tokens, so it is
-        decoded after an anchor token and the anchor's text is cut off again.
-        """
-        text = self._pieces.get(token_id)
-        if text is None:
-            with self._tok_lock:
-                text = self._decode_piece(token_id)
-            self._pieces[token_id] = text
-        return text
-
-    def _decode_piece(self, token_id: int) -> str:
-        tok = self.lm.tokenizer
-        if self._anchor is None:
-            ids = tok("a", add_special_tokens=False)["input_ids"][:1]
-            self._anchor = (ids, _decode(tok, ids) if ids else "")
-        anchor_ids, anchor_text = self._anchor
-        both = _decode(tok, anchor_ids + [token_id]) if anchor_ids else ""
-        if anchor_text and both.startswith(anchor_text):
-            return both[len(anchor_text) :]
-        return _decode(tok, [token_id])
+        """The text of one token as it reads inside a text (leading space kept; ``TokenTexts``)."""
+        with self._tok_lock:  # the tokenizer is shared with tokenize()
+            return self._pieces(token_id)
 
     def select_layers(
         self, selectors: Sequence[str] | None, default: Sequence[int] | None = None
@@ -494,12 +474,6 @@ class Engine:
         if not self.peft.peft_config:  # no adapter left: back to the plain model
             self.base = self.peft.unload()
             self.peft = None
-
-
-def _decode(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    """The text of one id list. (cast: transformers types decode() for batches of id lists too,
-    as str | list[str]; one list of ids gives one str.)"""
-    return cast(str, tok.decode(ids))
 
 
 def _output_rows(model: torch.nn.Module) -> int:

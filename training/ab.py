@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from lorasae.data import packed_sequences, token_text
+from lorasae.data import TokenTexts, packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic, write_json_atomic
 from lorasae.manifest import AdapterManifest
@@ -194,6 +194,7 @@ def run_ab(cfg: AbConfig, out: Path) -> dict:
     ranks = frequency_ranks(sequences[:, 1:])
     first = 1 if cfg.keep_first else 0
     counted = sequences.shape[0] * (sequences.shape[1] - 1 - first)  # tokens whose latents count
+    texts = TokenTexts(lm.tokenizer)
     adapters = []
     for name, path, manifest, differ in zip(names, cfg.adapters, manifests, differs):
         entry: dict[str, Any] = {
@@ -207,7 +208,7 @@ def run_ab(cfg: AbConfig, out: Path) -> dict:
             "gap_closed": _gap_closed(ce, name),
         }
         entry["top"] = {
-            d: [_context(lm.tokenizer, sequences, ce, name, s, p, cfg.window) for s, p in tops[name][d]]
+            d: [_context(texts, sequences, ce, name, s, p, cfg.window) for s, p in tops[name][d]]
             for d in DIRECTIONS
         }
         entry["latents"] = {
@@ -295,7 +296,7 @@ def _tops(base: torch.Tensor, adapted: torch.Tensor, top: int) -> dict[str, list
 
 
 def _context(
-    tokenizer: Any,
+    texts: TokenTexts,
     sequences: torch.Tensor,
     ce: dict[str, torch.Tensor],
     name: str,
@@ -307,14 +308,14 @@ def _context(
     with the ``window`` tokens before it, each decoded alone, the predicted one marked ``[[...]]``."""
     token_id = int(sequences[seq, pos + 1])
     before = sequences[seq, max(0, pos + 1 - window) : pos + 1].tolist()
-    token = token_text(tokenizer, token_id)
+    token = texts(token_id)
     base, adapted = float(ce["base"][seq, pos]), float(ce[name][seq, pos])
     return {
         "sequence": seq,
         "position": pos,
         "token_id": token_id,
         "token": token,
-        "text": "".join(token_text(tokenizer, i) for i in before) + f"[[{token}]]",
+        "text": "".join(texts(i) for i in before) + f"[[{token}]]",
         "ce_base": base,
         "ce_adapter": adapted,
         "difference": base - adapted,

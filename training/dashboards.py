@@ -49,7 +49,7 @@ from lorasae.dashboards import (
     write_latents,
     write_tokens,
 )
-from lorasae.data import packed_sequences, token_text
+from lorasae.data import TokenTexts, packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic, write_json_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
@@ -402,7 +402,8 @@ def _write(
 ) -> dict:
     cfg = job.cfg
     effects = _mean_effects(job, rows)
-    pieces = [token_text(job.tokenizer, i) for i in range(len(job.tokenizer))]
+    texts = TokenTexts(job.tokenizer)
+    pieces = [texts(i) for i in range(len(job.tokenizer))]
     write_tokens(out, pieces)
     entries = []
     tokens = int(job.sequences.shape[0] * (cfg.ctx - 1))
