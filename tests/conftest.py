@@ -157,6 +157,21 @@ def manual_logits(model: nn.Module, ids: torch.Tensor,
             h.remove()
 
 
+def plain_latents(model: nn.Module, saes: list[LoadedSAE], ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every token's latents ``[B, T, d_sae]`` of each SAE, all spliced together, through the plain
+    hooks of ``manual_logits`` (independent of lorasae.splice), by layer."""
+    found: dict[int, torch.Tensor] = {}
+
+    def encode(loaded: LoadedSAE) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            found[loaded.layer] = latents = loaded.sae.encode(x)
+            return loaded.sae.decode(latents)
+        return fn
+
+    manual_logits(model, ids, {s.layer: encode(s) for s in saes})
+    return found
+
+
 def sae_fn(sae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: sae.decode(sae.encode(x))
 

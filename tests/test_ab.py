@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import plain_latents
 from service_fixtures import make_adapter
 from test_dashboards import lm, saes  # noqa: F401 - the tiny world's model and SAEs, per module
 from tiny_world import CTX
@@ -19,7 +20,6 @@ from lorasae.cli import main
 from lorasae.data import packed_sequences
 from lorasae.metrics import evaluate
 from lorasae.models import load_model
-from lorasae.splice import replace_outputs
 from lorasae.training.ab import AbConfig, adapter_names, run_ab
 from lorasae.training.eval import load_adapter
 
@@ -114,17 +114,7 @@ def test_top_contexts_are_the_true_top(run):
 
 def test_enrichment_equals_a_brute_force_recount(run, lm, saes, sequences):
     _, _, result, _ = run
-    found: dict[int, torch.Tensor] = {}
-
-    def encode(s):
-        def fn(x):
-            lat = s.sae.encode(x)
-            found[s.layer] = lat
-            return s.sae.decode(lat)
-        return fn
-
-    with torch.no_grad(), replace_outputs(lm.model, {s.layer: encode(s) for s in saes}, True):
-        lm.model(input_ids=sequences)
+    found = plain_latents(lm.model, saes, sequences)
     n, t = sequences.shape
     listed = 0
     for entry in result["adapters"]:

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import manual_logits, plain_latents
 from service_fixtures import make_adapter
 from test_train_lora import BIN, SUBPROCESS_TIMEOUT, free_port, subprocess_env
 from tiny_world import CTX
 
 from lorasae.cli import main
 from lorasae.dashboards import (
-    MANIFEST_FILE,
     Dashboard,
     DashboardManifest,
     latents_file,
@@ -30,7 +30,6 @@ from lorasae.data import packed_sequences
 from lorasae.manifest import adapter_file_fingerprint
 from lorasae.models import final_norm, load_model, logits_from_hidden
 from lorasae.saes import load_sae
-from lorasae.splice import replace_outputs
 from lorasae.training import dashboards as job_module
 from lorasae.training.dashboards import WORK_DIR, DashboardConfig, run_dashboards
 from lorasae.training.latent_stats import LatentStats
@@ -93,18 +92,7 @@ def saes(tiny_world, lm):
 def dense(tiny_world, lm, saes):
     """Independently: every sequence's SAE latents [S, ctx, d] per layer, through plain hooks."""
     seqs = packed_sequences(lm.tokenizer, "train", TOKENS, CTX, str(tiny_world.corpus))
-    found: dict[int, torch.Tensor] = {}
-
-    def encode(s):
-        def fn(x):
-            lat = s.sae.encode(x)
-            found[s.layer] = lat
-            return s.sae.decode(lat)
-        return fn
-
-    with torch.no_grad(), replace_outputs(lm.model, {s.layer: encode(s) for s in saes}, True):
-        lm.model(input_ids=seqs)
-    return seqs, found
+    return seqs, plain_latents(lm.model, saes, seqs)
 
 
 def tables(out: Path) -> dict[str, object]:
@@ -225,8 +213,7 @@ def test_causal_effect_equals_an_independent_ablation_with_plain_hooks(reference
                 return s.sae.decode(lat)
             return fn
 
-        with torch.no_grad(), replace_outputs(lm.model, {s.layer: make(s) for s in saes}, True):
-            return torch.log_softmax(lm.model(input_ids=ids).logits.float(), -1)
+        return torch.log_softmax(manual_logits(lm.model, ids, {s.layer: make(s) for s in saes}).float(), -1)
 
     checked = 0
     for sae in saes:
