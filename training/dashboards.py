@@ -185,9 +185,9 @@ def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dic
     if out.exists() and any(out.iterdir()) and not resume:
         raise LorasaeError(f"{out} is not empty; pass --resume to continue an interrupted run")
     saved = work / "config.json"
-    if resume and saved.exists() and json.loads(saved.read_text()) != asdict(cfg):
-        old = json.loads(saved.read_text())
-        changed = sorted(k for k, v in asdict(cfg).items() if old.get(k) != v)
+    old = json.loads(saved.read_text()) if resume and saved.exists() else asdict(cfg)
+    changed = sorted(k for k, v in asdict(cfg).items() if old.get(k) != v)
+    if changed:
         raise LorasaeError(f"--resume with different settings: {changed}")
     manifest = AdapterManifest.load(cfg.adapter) if cfg.adapter else None
     device = cfg.device or str(state.device)
