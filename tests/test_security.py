@@ -82,7 +82,8 @@ CLASSES = {
     "4": "wrongly_typed_adapter_json", "5": "regex_in_adapter_config", "6": "response_budget",
     "7": "body_limits", "8a": "unsafe_bind", "8b": "media_types", "8c": "host_header",
     "9": "slow_clients", "10": "metrics_cardinality", "11": "server_owned_folders",
-    "12a": "no_paths_no_long_echoes", "12b": "one_server_per_root", "restart": "final_restart",
+    "12a": "no_paths_no_long_echoes", "12b": "one_server_per_root", "13": "latent_queries",
+    "restart": "final_restart",
 }
 
 
@@ -1481,6 +1482,59 @@ def test_99_restart_keeps_the_registry(lab):
 
 
 # ------------------------------------------------------------------ 12a (on the restarted server)
+
+
+def test_13_latent_queries(lab):
+    """The latent routes and ``latents=`` of /v1/features: hostile query parameters, SAE names that
+    look like paths, indices outside the SAE or of the wrong type, and more latents than allowed are
+    refused with a 4xx before any work (nothing stored changes); a valid request still answers.
+    The main server runs without --dashboards, so a well-formed latent query is a 404 no_dashboard."""
+    cls = "13"
+    q = "/v1/saes/sae1/latents"
+
+    def get(label: str, path: str, expect: int, code: str | None) -> Req:
+        return Req(label, "GET", path, expect, code, within=10)
+
+    def feats(label: str, latents: object, expect: int | tuple[int, ...], code: str | tuple[str, ...] | None,
+              **extra: object) -> Req:
+        return Req(label, "POST", "/v1/features", expect, code,
+                   {"json": {"inputs": "the cat sat", "latents": latents, **extra}}, within=10)
+
+    reqs = [
+        get("latent, no dashboard", f"{q}/0", 404, "no_dashboard"),
+        get("SAE name as a path", "/v1/saes/..%2F..%2Fetc%2Fpasswd/latents/0", 404, "unknown_sae"),
+        get("SAE name with NUL", "/v1/saes/sae1%00/latents/0", 404, "unknown_sae"),
+        get("index not an int", f"{q}/abc", 422, "validation_error"),
+        get("q of 5,000 chars", f"{q}?q={'x' * 5000}", 422, "validation_error"),
+        get("limit 10^9", f"{q}?limit=1000000000", 422, "validation_error"),
+        get("negative density", f"{q}?min_density=-1", 422, "validation_error"),
+        get("density NaN", f"{q}?max_density=nan", 422, "validation_error"),
+        get("unknown sort", f"{q}?sort=__class__", 422, "validation_error"),
+        get("adapter of 500 chars", f"{q}?adapter={'a' * 500}", 422, "validation_error"),
+        feats("300 latents of one SAE", {"sae1": list(range(300))}, 413, "too_many_latents"),
+        feats("200,000 latents (body over its limit)", {"sae1": list(range(200_000))}, 413,
+              "request_too_large"),
+        feats("negative latent", {"sae1": [-1]}, 404, "unknown_latent"),
+        feats("latent 2^62", {"sae1": [2 ** 62]}, 404, "unknown_latent"),
+        feats("latent as a string", {"sae1": ["1"]}, 422, "validation_error"),
+        feats("unknown SAE", {"../sae1": [1]}, 404, "unknown_sae"),
+        feats("2,000 unknown SAEs", {f"s{i}": [0] for i in range(2000)}, 404, "unknown_sae"),
+        feats("SAE not spliced", {"sae2": [1]}, 422, "sae_not_spliced", saes=["sae1"]),
+    ]
+    with _timed(lab, cls):
+        answers = []
+        with lab.refusals(cls):
+            for req, response in zip(reqs, lab.send(cls, reqs)):
+                if isinstance(response, httpx.Response):
+                    answers.append((cls, req.label, response.text))
+        ok = lab.send(cls, [feats("valid latents", {"sae1": [0, 5, 5]}, 200, None)])[0]
+        t = lab.tally(cls)
+        if isinstance(ok, httpx.Response) and ok.status_code == 200:
+            values = ok.json()["results"][0]["tokens"][1]["latents"]["sae1"]
+            if sorted(values) != ["0", "5"]:
+                t.problems.append(f"valid latents request answered {values}")
+        _check_answers(lab, cls, answers)
+    lab.check(cls)
 
 
 def test_12a_long_names_not_echoed(lab):
