@@ -31,7 +31,8 @@ from lorasae.manifest import adapter_file_fingerprint
 from lorasae.models import final_norm, load_model, logits_from_hidden
 from lorasae.saes import load_sae
 from lorasae.training import dashboards as job_module
-from lorasae.training.dashboards import WORK_DIR, DashboardConfig, run_dashboards
+from lorasae.training.dashboards import DashboardConfig, run_dashboards
+from lorasae.training.shards import WORK_DIR
 from lorasae.training.latent_stats import LatentStats
 
 TOKENS = 4096  # 128 sequences of the tiny world's train split at ctx 32
@@ -349,7 +350,7 @@ def test_resume_after_interruptions_in_both_passes_equals_one_run(reference, tin
     with pytest.raises(Exception, match="--resume"):
         run_dashboards(cfg, out)  # a non-empty folder is never overwritten silently
     with monkeypatch.context() as mp:  # killed in the effect pass, in the 3rd shard
-        _interrupt_after(mp, job_module, "_effects_of_sequence", 2 * SHARD + 1)
+        _interrupt_after(mp, job_module, "sequence_effects", 2 * SHARD + 1)
         with pytest.raises(_Interrupt):
             run_dashboards(cfg, out, resume=True)
     assert len(list((out / WORK_DIR).glob("effect-*.pt"))) == 2

@@ -26,6 +26,7 @@ from .ab import AbConfig, print_table, run_ab
 from .compare import PRESETS, CompareConfig, run_compare
 from .dashboards import DashboardConfig, run_dashboards
 from .demo import DemoConfig, run_demo
+from .drift import DriftConfig, format_drift, run_drift
 from .eval import EvalConfig, run_eval, splice_set_table
 from .fields import device_field, dtype_field, model_field
 from .loop import LoopConfig
@@ -90,6 +91,17 @@ class DashboardOptions:
     out: str = field(
         default="lorasae-dashboards",
         metadata={"help": "folder for dashboards.json + one Parquet file per SAE (served with --dashboards)"},
+    )
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run in --out"})
+
+
+@dataclass
+class DriftOptions:
+    """Where `drift` writes, and whether it continues an interrupted run."""
+
+    out: str = field(
+        default="lorasae-drift",
+        metadata={"help": "folder for drift.json, drift-L<layer>.parquet, drift.png (served with --drift)"},
     )
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run in --out"})
 
@@ -197,6 +209,14 @@ def dashboards_command(args: argparse.Namespace) -> None:
         _print_json(result)
 
 
+def drift_command(args: argparse.Namespace) -> None:
+    opts = cliargs.build(DriftOptions, args)
+    result = run_drift(cliargs.build(DriftConfig, args), Path(opts.out), resume=opts.resume)
+    if result is not None:  # the main process (under accelerate launch the others return None)
+        print(format_drift(result), file=sys.stderr, flush=True)
+        _print_json(result)
+
+
 def ab_command(args: argparse.Namespace) -> None:
     result = run_ab(cliargs.build(AbConfig, args), Path(cliargs.build(AbOptions, args).out))
     print_table(result)
@@ -269,6 +289,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         DashboardConfig,
         DashboardOptions,
         help="per-latent dashboards (top contexts, histograms, logit lens, causal effect) as Parquet",
+    )
+    add(
+        subparsers,
+        "drift",
+        drift_command,
+        DriftConfig,
+        DriftOptions,
+        help="what an adapter changed about each latent (input / output side), beyond noise",
     )
     add(
         subparsers,

@@ -24,8 +24,6 @@ The main process writes the Parquet files and the manifest (``lorasae.dashboards
 
 from __future__ import annotations
 
-import copy
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -33,10 +31,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from lorasae.dashboards import (
     MANIFEST_FILE,
@@ -51,20 +48,18 @@ from lorasae.dashboards import (
 )
 from lorasae.data import TokenTexts, packed_sequences
 from lorasae.errors import LorasaeError
-from lorasae.files import write_atomic, write_json_atomic
+from lorasae.files import write_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
 from lorasae.models import (
-    cache_kwarg,
     final_norm,
     load_model,
     logits_from_hidden,
     model_fingerprint,
-    output_cache,
-    output_head,
 )
 from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
 from lorasae.splice import Splice, run_until, stop_after
 
+from .effects import EffectRows, hidden_and_vocab, mean_effect_blocks, model_device, sequence_effects
 from .eval import load_adapter
 from .fields import (
     corpus_field,
@@ -77,13 +72,12 @@ from .fields import (
 )
 from .latent_stats import LatentStats
 from .plots import plot_densities
+from .shards import ShardedJob, check_out, save_settings
 from .train_sae import ensure_default_sae
 
-WORK_DIR = ".work"
 SAMPLES_PER_BIN = 2
 QUANTILE_INTERVALS = ((0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0))
 DENSITY_PLOT = "densities.png"
-DECODE_ROWS = 64  # (latent, context) rows per decode step of the effect pass
 
 
 @dataclass
@@ -133,43 +127,19 @@ class DashboardConfig:
 
 
 @dataclass
-class _Job:
+class _Job(ShardedJob):
     """What both passes need: the (maybe adapted) model, SAEs, sequences, process layout."""
 
     cfg: DashboardConfig
     model: torch.nn.Module
     tokenizer: Any
     saes: list[LoadedSAE]
-    sequences: torch.Tensor  # [S, ctx]
     edges: torch.Tensor
-    work: Path
-    rank: int
-    processes: int
     wait: Callable[[], None]
 
     @property
     def window(self) -> int:
         return self.cfg.window_before + 1 + self.cfg.window_after
-
-    @property
-    def shards(self) -> range:
-        return range(-(-self.sequences.shape[0] // self.cfg.shard_sequences))
-
-    def shard_rows(self, shard: int) -> range:
-        n = self.cfg.shard_sequences
-        return range(shard * n, min((shard + 1) * n, self.sequences.shape[0]))
-
-    def mine(self, prefix: str) -> list[int]:
-        """This process's shards that are not done yet."""
-        return [
-            s for s in self.shards[self.rank :: self.processes] if not self.shard_file(prefix, s).exists()
-        ]
-
-    def shard_file(self, prefix: str, shard: int) -> Path:
-        return self.work / f"{prefix}-{shard:05d}.pt"
-
-    def bar(self, total: int, desc: str, unit: str):
-        return tqdm(total=total, desc=desc, unit=unit, disable=self.rank != 0, smoothing=0.1)
 
 
 def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dict | None:
@@ -179,16 +149,7 @@ def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dic
     cfg.validate()
     started = time.time()
     state = PartialState(cpu=cfg.device == "cpu")
-    work = out / WORK_DIR
-    if (out / MANIFEST_FILE).exists():
-        raise LorasaeError(f"{out} already holds finished dashboards; choose another --out")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise LorasaeError(f"{out} is not empty; pass --resume to continue an interrupted run")
-    saved = work / "config.json"
-    old = json.loads(saved.read_text()) if resume and saved.exists() else asdict(cfg)
-    changed = sorted(k for k, v in asdict(cfg).items() if old.get(k) != v)
-    if changed:
-        raise LorasaeError(f"--resume with different settings: {changed}")
+    work = check_out(out, MANIFEST_FILE, "finished dashboards", asdict(cfg), resume)
     manifest = AdapterManifest.load(cfg.adapter) if cfg.adapter else None
     device = cfg.device or str(state.device)
     lm = load_model(cfg.model, device, cfg.dtype)
@@ -204,6 +165,7 @@ def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dic
         model=model,
         tokenizer=lm.tokenizer,
         saes=saes,
+        shard_sequences=cfg.shard_sequences,
         sequences=packed_sequences(lm.tokenizer, cfg.split, cfg.tokens, cfg.ctx, cfg.corpus),
         edges=torch.tensor(log_edges()),
         work=work,
@@ -213,7 +175,7 @@ def run_dashboards(cfg: DashboardConfig, out: Path, resume: bool = False) -> dic
     )
     state.wait_for_everyone()  # every process has checked --out before anything is written to it
     if state.is_main_process:  # written once the inputs load, so a bad flag leaves --out untouched
-        write_json_atomic(saved, asdict(cfg))
+        save_settings(work, asdict(cfg))
     _statistics_pass(job)
     job.wait()
     stats = _merged_stats(job)
@@ -251,7 +213,7 @@ def _statistics_pass(job: _Job) -> None:
             with torch.inference_mode():
                 with Splice(job.model, job.saes, cfg.keep_first, record=True) as splice:
                     with stop_after(job.model, last):
-                        run_until(job.model, input_ids=ids.to(_device(job.model)))
+                        run_until(job.model, input_ids=ids.to(model_device(job.model)))
             for layer, st in stats.items():
                 st.update(splice.records[layer].latents, index, job.edges, cfg.window_before, valid)
             bar.update(ids.numel())
@@ -273,132 +235,43 @@ def _merged_stats(job: _Job) -> dict[int, LatentStats]:
     return merged
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ---------------------------------------------------------------------- pass 2: causal effect
 
 
-@dataclass
-class _Rows:
-    """The (SAE, latent, context) rows of the effect pass, in (layer, latent, rank) order."""
-
-    layer: torch.Tensor  # [R] int64
-    latent: torch.Tensor
-    sequence: torch.Tensor
-    position: torch.Tensor
-
-
-def _effect_rows(job: _Job, stats: dict[int, LatentStats]) -> _Rows:
-    parts: list[list[torch.Tensor]] = [[], [], [], []]
+def _effect_rows(job: _Job, stats: dict[int, LatentStats]) -> EffectRows:
     n = job.cfg.effect_contexts
-    for layer, st in sorted(stats.items()):
-        index = st.top.index[:, :n]
-        latent, rank = torch.nonzero(index >= 0, as_tuple=True)
-        gidx = index[latent, rank]
-        for part, value in zip(
-            parts,
-            (torch.full_like(latent, layer), latent, gidx // job.cfg.ctx, gidx % job.cfg.ctx),
-        ):
-            part.append(value)
-    empty = torch.zeros(0, dtype=torch.int64)
-    return _Rows(*(torch.cat(p) if p else empty for p in parts))
+    return EffectRows.cat(
+        [EffectRows.of_top(layer, st.top.index[:, :n], job.cfg.ctx) for layer, st in sorted(stats.items())]
+    )
 
 
-def _effect_pass(job: _Job, rows: _Rows) -> None:
+def _effect_pass(job: _Job, rows: EffectRows) -> None:
     todo = job.mine("effect")
     shard_of = rows.sequence // job.cfg.shard_sequences
     bar = job.bar(
         int(torch.isin(shard_of, torch.tensor(todo, dtype=torch.int64)).sum()), "dashboards: effects", "row"
     )
+    hidden, _ = hidden_and_vocab(job.model)
     for shard in todo:
         mine = torch.nonzero(shard_of == shard).flatten()
-        clean = torch.zeros(mine.numel(), _hidden_size(job), dtype=torch.float32)
+        clean = torch.zeros(mine.numel(), hidden, dtype=torch.float32)
         ablated = torch.zeros_like(clean)
         for seq in rows.sequence[mine].unique().tolist():
             here = torch.nonzero(rows.sequence[mine] == seq).flatten()
-            c, a = _effects_of_sequence(job, rows, mine[here], seq)
-            clean[here], ablated[here] = c, a
+            clean[here], ablated[here] = sequence_effects(
+                job.model, job.saes, job.sequences[seq], rows.take(mine[here]), job.cfg.keep_first
+            )
             bar.update(here.numel())
         result = {"rows": mine, "clean": clean, "ablated": ablated}
         write_atomic(job.shard_file("effect", shard), partial(torch.save, result))
     bar.close()
 
 
-def _hidden_size(job: _Job) -> int:
-    return _unembedding(job).shape[1]
-
-
-@torch.inference_mode()
-def _effects_of_sequence(
-    job: _Job, rows: _Rows, which: torch.Tensor, seq: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states at each row's token: clean (spliced, unedited) and with the row's latent
-    removed from its SAE's reconstruction at that token."""
-    model, device = job.model, _device(job.model)
-    positions = rows.position[which]
-    length = int(positions.max()) + 1
-    ids = job.sequences[seq, :length][None].to(device)
-    captured: list[torch.Tensor] = []
-    # the final norm's output is what the unembedding reads: the logits are formed at the end
-    handle = final_norm(model).register_forward_hook(lambda _m, _args, out: captured.append(out))
-    try:
-        with Splice(model, job.saes, job.cfg.keep_first):
-            cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
-        clean = captured.pop()[0, positions.to(device)].float().cpu()
-        ablated = []
-        for chunk in torch.split(torch.arange(which.numel()), DECODE_ROWS):
-            ablated.append(_decode_ablated(job, rows, which[chunk], seq, cache, length, captured))
-    finally:
-        handle.remove()
-    return clean, torch.cat(ablated)
-
-
-def _decode_ablated(
-    job: _Job,
-    rows: _Rows,
-    which: torch.Tensor,
-    seq: int,
-    cache: Any,
-    length: int,
-    captured: list[torch.Tensor],
-) -> torch.Tensor:
-    """One decode step per row: the row's token after the cached clean prefix before it (the
-    attention mask hides the cached entries at and after its position), its latent zeroed."""
-    device = _device(job.model)
-    n = which.numel()
-    positions = rows.position[which]
-    step_cache = copy.deepcopy(cache)
-    step_cache.batch_repeat_interleave(n)
-    seen = torch.arange(length)[None] < positions[:, None]
-    mask = torch.cat([seen, torch.ones(n, 1, dtype=torch.bool)], dim=1).long()
-    latent_of = rows.latent[which].to(device)
-    layer_of = rows.layer[which].to(device)
-    batch = torch.arange(n, device=device)
-
-    def remove(layer: int, latents: torch.Tensor) -> torch.Tensor:
-        mine = layer_of == layer
-        latents = latents.clone()
-        latents[batch[mine], 0, latent_of[mine]] = 0.0
-        return latents
-
-    with Splice(job.model, job.saes, keep_first=False, edit=remove):
-        job.model(
-            input_ids=job.sequences[seq, positions][:, None].to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions[:, None].to(device),
-            use_cache=True,
-            **{cache_kwarg(job.model): step_cache},
-        )
-    return captured.pop()[:, 0].float().cpu()
-
-
 # ---------------------------------------------------------------------- writing
 
 
 def _write(
-    job: _Job, stats: dict[int, LatentStats], rows: _Rows, out: Path, fingerprint: str, started: float
+    job: _Job, stats: dict[int, LatentStats], rows: EffectRows, out: Path, fingerprint: str, started: float
 ) -> dict:
     cfg = job.cfg
     effects = _mean_effects(job, rows)
@@ -560,7 +433,7 @@ def _lens(job: _Job, sae: LoadedSAE) -> dict[str, list]:
     }
     w_dec = sae.sae.W_dec.detach()
     for chunk in torch.split(w_dec, 256):
-        logits = logits_from_hidden(job.model, norm(chunk.to(_device(job.model))[:, None])[:, 0])
+        logits = logits_from_hidden(job.model, norm(chunk.to(model_device(job.model))[:, None])[:, 0])
         _top_bottom(out, "lens", logits, k)
     return out
 
@@ -574,19 +447,17 @@ def _top_bottom(out: dict[str, list], prefix: str, values: torch.Tensor, k: int)
     out[f"{prefix}_suppressed_values"] += bottom.values.tolist()
 
 
-@torch.inference_mode()
-def _mean_effects(job: _Job, rows: _Rows) -> dict[int, dict[str, list]]:
+def _mean_effects(job: _Job, rows: EffectRows) -> dict[int, dict[str, list]]:
     """Per latent: the mean over its measured contexts of log p(clean) - log p(latent removed),
     top / bottom tokens (what the latent adds to / takes from the next-token distribution)."""
-    n = rows.layer.numel()
-    clean = torch.zeros(n, _hidden_size(job))
+    hidden, _ = hidden_and_vocab(job.model)
+    clean = torch.zeros(len(rows), hidden)
     ablated = torch.zeros_like(clean)
     for shard in job.shards:
         path = job.shard_file("effect", shard)
         if path.exists():
             part = torch.load(path)
             clean[part["rows"]], ablated[part["rows"]] = part["clean"], part["ablated"]
-    device, k = _device(job.model), job.cfg.logit_top
     result = {}
     for sae in job.saes:
         out: dict[str, list] = {
@@ -594,38 +465,15 @@ def _mean_effects(job: _Job, rows: _Rows) -> dict[int, dict[str, list]]:
         }
         out["effect_contexts"] = []
         mine = rows.layer == sae.layer
-        latents = rows.latent[mine]
-        counts = torch.bincount(latents, minlength=sae.d_sae)
-        sel = torch.nonzero(mine).flatten()
-        for first in range(0, sae.d_sae, 128):
-            block = torch.arange(first, min(first + 128, sae.d_sae))
-            here = sel[(latents >= first) & (latents < block[-1] + 1)]
-            diff = torch.zeros(block.numel(), _vocab(job))
-            if here.numel():
-                d = _logprobs(job, clean[here].to(device)) - _logprobs(job, ablated[here].to(device))
-                diff.index_add_(0, rows.latent[here] - first, d.cpu())
-            used = counts[block]
-            diff /= used.clamp(min=1)[:, None]
-            for b in range(block.numel()):
+        blocks = mean_effect_blocks(job.model, rows.latent[mine], clean[mine], ablated[mine], sae.d_sae)
+        for _latents, effects, used in blocks:
+            for b in range(used.numel()):
                 if used[b] == 0:
                     for key in ("promoted", "suppressed"):
                         out[f"effect_{key}_ids"].append([])
                         out[f"effect_{key}_values"].append([])
                 else:
-                    _top_bottom(out, "effect", diff[b : b + 1], k)
+                    _top_bottom(out, "effect", effects[b : b + 1], job.cfg.logit_top)
             out["effect_contexts"] += used.tolist()
         result[sae.layer] = out
     return result
-
-
-def _vocab(job: _Job) -> int:
-    return _unembedding(job).shape[0]
-
-
-def _unembedding(job: _Job) -> torch.Tensor:
-    # cast: nn.Module attributes are typed Tensor | Module; the head's weight is its [vocab, d] matrix
-    return cast(torch.Tensor, output_head(job.model).weight)
-
-
-def _logprobs(job: _Job, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits_from_hidden(job.model, hidden), dim=-1)

@@ -204,7 +204,8 @@ class LatentStats:
             return values.masked_fill(~inside, float("nan"))
 
         self.top.offer(j, -act, gidx, act, windows)
-        self.samples.offer(j * bins + hbin, sample_key(gidx, j), gidx, act, windows)
+        if self.samples.index.shape[1]:  # samples_per_bin 0: no samples kept
+            self.samples.offer(j * bins + hbin, sample_key(gidx, j), gidx, act, windows)
 
     def merge(self, other: LatentStats) -> None:
         """Fold ``other`` (made from other tokens) into this state."""
@@ -213,4 +214,5 @@ class LatentStats:
         self.act_max = torch.maximum(self.act_max, other.act_max)
         self.hist += other.hist
         self.top.merge(other.top)
-        self.samples.merge(other.samples)
+        if self.samples.index.shape[1]:
+            self.samples.merge(other.samples)

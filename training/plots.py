@@ -177,3 +177,50 @@ def plot_ab(buckets: list[dict], names: list[str], path: Path) -> Path:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_drift(saes: dict[str, dict], path: Path) -> Path:
+    """`lorasae drift`, one row per SAE: left, the effect cosine (reference vs adapted) of every
+    measured latent against the half-vs-half cosines of the noise floor, with the threshold; right,
+    each latent's density under the reference vs the adapted model (log-log), input-drifted ones
+    in colour."""
+    import math
+
+    fig = Figure(figsize=(11, 3.8 * len(saes)))
+    axes = fig.subplots(len(saes), 2, squeeze=False)
+    for (label, d), (left, right) in zip(saes.items(), axes):
+        bins = [i / 50 for i in range(-50, 51)]
+        left.hist(
+            d["cosine"], bins=bins, alpha=0.7, label=f"reference vs adapted ({len(d['cosine'])} latents)"
+        )
+        left.hist(
+            d["noise"],
+            bins=bins,
+            histtype="step",
+            linewidth=1.5,
+            color="black",
+            label=f"noise: half vs half ({len(d['noise'])} latents)",
+        )
+        left.axvline(d["threshold"], color="red", linestyle="--", label=f"threshold {d['threshold']:.3f}")
+        left.set_yscale("log")
+        left.set_xlabel("cosine of causal-effect vectors")
+        left.set_ylabel("latents")
+        left.set_title(f"{label}: output side")
+        left.legend(fontsize=7)
+        pairs = [
+            (math.log10(r), math.log10(a), drifted)
+            for r, a, drifted in zip(d["density_reference"], d["density_adapted"], d["input_drifted"])
+            if r > 0 and a > 0
+        ]
+        for drifted, colour, name in ((False, "tab:gray", "within noise"), (True, "tab:red", "drifted")):
+            xs = [p[0] for p in pairs if p[2] == drifted]
+            ys = [p[1] for p in pairs if p[2] == drifted]
+            right.scatter(xs, ys, s=4, alpha=0.6, color=colour, label=f"{name} ({len(xs)})")
+        if pairs:
+            lo, hi = min(min(p[0], p[1]) for p in pairs), max(max(p[0], p[1]) for p in pairs)
+            right.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
+        right.set_xlabel("log10 density, reference")
+        right.set_ylabel("log10 density, adapted")
+        right.set_title(f"{label}: input side")
+        right.legend(fontsize=7)
+    return _save(fig, path)
