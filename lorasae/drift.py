@@ -259,11 +259,16 @@ def evidence(row: dict[str, Any], thresholds: DriftThresholds, piece: Callable[[
     parts: dict[str, str] = {}
     if row["effect_contexts"]:
         vanished = " (its effect vanished there)" if row["effect_norm_ratio"] < 0.05 else ""
+        moved = {
+            f"{kind}_{side}": _tokens(row[f"{kind}_{side}_ids"], piece)
+            for kind in ("promoted", "suppressed")
+            for side in ("reference", "adapted")
+        }
         parts["output"] = (
             f"output: effect cosine {row['effect_cosine']:.2f} (noise below {thresholds.effect_cosine:.2f}), "
-            f"norm x{row['effect_norm_ratio']:.2f}{vanished}; promotes {_tokens(row['promoted_reference_ids'], piece)}"
-            f" -> {_tokens(row['promoted_adapted_ids'], piece)}; suppresses "
-            f"{_tokens(row['suppressed_reference_ids'], piece)} -> {_tokens(row['suppressed_adapted_ids'], piece)}"
+            f"norm x{row['effect_norm_ratio']:.2f}{vanished}; promotes {moved['promoted_reference']} -> "
+            f"{moved['promoted_adapted']}; suppresses {moved['suppressed_reference']} -> "
+            f"{moved['suppressed_adapted']}"
         )
     parts["input"] = (
         f"input: density {row['density_reference']:.2e} -> {row['density_adapted']:.2e}, "

@@ -18,10 +18,11 @@ import lorasae_client
 
 from .dashboards import DashboardIndex
 from .deps import Service
+from .drift import DriftIndex
 from .engine import Engine
 from .errors import install_handlers
 from .limits import EdgeMiddleware
-from .routes import adapters, features, health, latents, viewer
+from .routes import adapters, drift, features, health, latents, viewer
 from .settings import Settings
 
 # metric labels: anything else collapses into "other" (a client must not create series at will)
@@ -58,12 +59,16 @@ class _MetricsMiddleware:
 
 
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, dashboards: DashboardIndex | None = None
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    dashboards: DashboardIndex | None = None,
+    drift_reports: DriftIndex | None = None,
 ) -> FastAPI:
     """The app: routes, static files, edge limits, metrics and error handlers around one ``Service``.
-    ``dashboards``: the settings' dashboards already indexed against ``engine`` (else done at start)."""
+    ``dashboards`` / ``drift_reports``: the settings' dashboards / drift reports already indexed
+    against ``engine`` (else done at start)."""
     settings = settings or Settings()
-    service = Service(settings, engine, dashboards)
+    service = Service(settings, engine, dashboards, drift_reports)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -91,6 +96,7 @@ def create_app(
     app.include_router(features.router)
     app.include_router(adapters.router)
     app.include_router(latents.router)
+    app.include_router(drift.router)
     app.include_router(health.router)
     app.include_router(viewer.router)
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")

@@ -39,6 +39,7 @@ def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = N
 
     from .app import create_app
     from .dashboards import DashboardIndex
+    from .drift import DriftIndex
     from .engine import Engine
     from .limits import uvicorn_options
 
@@ -50,7 +51,8 @@ def serve(args: argparse.Namespace, make_default_sae: DefaultSaeMaker | None = N
     print(f"loading {settings.model} ...", file=sys.stderr, flush=True)
     engine = Engine.from_settings(settings, make_default_sae)  # load errors end as `error: ...`
     dashboards = DashboardIndex.build(engine, settings.dashboards)  # so do dashboards that do not fit
-    uvicorn.run(create_app(settings, engine, dashboards), **uvicorn_options(settings))
+    drift = DriftIndex.build(engine, settings.drift)  # and drift reports
+    uvicorn.run(create_app(settings, engine, dashboards, drift), **uvicorn_options(settings))
 
 
 def register(subparsers: argparse._SubParsersAction, make_default_sae: DefaultSaeMaker | None = None) -> None:

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from .batcher import Batcher
 from .dashboards import DashboardIndex
+from .drift import DriftIndex
 from .engine import Engine
 from .errors import ServiceError
 from .metrics import Metrics
@@ -32,7 +33,11 @@ class Service:
     """Everything one app owns: settings, engine, registry, batcher, metrics, readiness."""
 
     def __init__(
-        self, settings: Settings, engine: Engine | None = None, dashboards: DashboardIndex | None = None
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        dashboards: DashboardIndex | None = None,
+        drift: DriftIndex | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -43,6 +48,7 @@ class Service:
         self.batcher: Batcher | None = None
         # the settings' dashboards, indexed against the engine (here, or in start())
         self.dashboards = dashboards or DashboardIndex()
+        self.drift = drift or DriftIndex()  # the settings' drift reports, likewise
         self.error: str | None = None  # why loading failed
         self.ready = asyncio.Event()
 
@@ -56,6 +62,9 @@ class Service:
             if s.dashboards and not self.dashboards:  # not indexed by the caller
                 log.info("indexing latent dashboards %s", s.dashboards)
                 self.dashboards = await asyncio.to_thread(DashboardIndex.build, self.engine, s.dashboards)
+            if s.drift and not self.drift:
+                log.info("reading drift reports %s", s.drift)
+                self.drift = await asyncio.to_thread(DriftIndex.build, self.engine, s.drift)
             adapter_root, db_path = s.adapter_root, s.db_path
             assert adapter_root is not None and db_path is not None, "Settings' validator fills both"
             self.registry = Registry(
@@ -83,11 +92,12 @@ class Service:
             return
         self.ready.set()
         log.info(
-            "ready: model %s, SAEs %s, %d adapters, %d dashboard SAEs",
+            "ready: model %s, SAEs %s, %d adapters, %d dashboard SAEs, %d drift reports",
             self.engine.model_id,
             list(self.engine.names.values()),
             len(self.registry.list()),
             len(self.dashboards),
+            len(self.drift),
         )
 
     def loaded(self) -> Loaded:

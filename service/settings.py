@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="latent dashboard folder (`lorasae dashboards`) to serve (repeat); made with the "
         "loaded model and SAEs, else the server refuses to start",
     )
+    drift: list[str] = Field(
+        default_factory=list,
+        description="latent drift report folder (`lorasae drift`) to serve (repeat); made with the "
+        "loaded model and SAEs, else the server refuses to start",
+    )
     device: str | None = Field(None, description="cuda / cpu (default: cuda if available)")
     dtype: str | None = Field(None, description="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     torch_threads: int | None = Field(

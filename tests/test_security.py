@@ -18,7 +18,8 @@ Classes: 1 archive uploads, 2 negative-size tar header, 3 deep trees and leftove
 4 wrongly typed adapter JSON, 5 regular expressions in adapter_config.json, 6 response budget,
 7 body limits, 8 unsafe defaults (a: bind without a key, b: media types, c: Host header),
 9 slow clients, 10 metrics cardinality, 11 server-owned folders, 12 smaller items (a: no server
-paths and no long echoes in errors, b: one server per adapter root).
+paths and no long echoes in errors, b: one server per adapter root), 13 latent queries, 14 drift
+queries.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ CLASSES = {
     "7": "body_limits", "8a": "unsafe_bind", "8b": "media_types", "8c": "host_header",
     "9": "slow_clients", "10": "metrics_cardinality", "11": "server_owned_folders",
     "12a": "no_paths_no_long_echoes", "12b": "one_server_per_root", "13": "latent_queries",
+    "14": "drift_queries",
     "restart": "final_restart",
 }
 
@@ -1533,6 +1535,42 @@ def test_13_latent_queries(lab):
             values = ok.json()["results"][0]["tokens"][1]["latents"]["sae1"]
             if sorted(values) != ["0", "5"]:
                 t.problems.append(f"valid latents request answered {values}")
+        _check_answers(lab, cls, answers)
+    lab.check(cls)
+
+
+def test_14_drift_queries(lab):
+    """``GET /v1/adapters/{name}/drift``: hostile adapter, ``against``, ``sae``, ``side``, ``limit`` and
+    ``offset`` values are refused with a 4xx before any work, nothing stored changes, and no answer
+    echoes them whole. The main server runs without --drift."""
+    cls = "14"
+    d = "/v1/adapters/no-such-adapter/drift"
+
+    def get(label: str, path: str, expect: int, code: str | tuple[str, ...]) -> Req:
+        return Req(label, "GET", path, expect, code, within=10)
+
+    reqs = [
+        get("unknown adapter", d, 404, "unknown_adapter"),
+        get("adapter name as a path", "/v1/adapters/..%2F..%2Fetc%2Fpasswd/drift", 404,
+            ("not_found", "unknown_adapter")),
+        get("adapter name with NUL", "/v1/adapters/a1%00/drift", 404, "unknown_adapter"),
+        get("adapter name of 8,000 chars", f"/v1/adapters/{'n' * 8000}/drift", 422, "validation_error"),
+        get("SAE name as a path", f"{d}?sae=..%2F..%2Fetc%2Fpasswd", 404, "unknown_sae"),
+        get("SAE name of 5,000 chars", f"{d}?sae={'s' * 5000}", 422, "validation_error"),
+        get("against of 500 chars", f"{d}?against={'a' * 500}", 422, "validation_error"),
+        get("against as a path", f"{d}?against=..%2F..%2Fetc", 404, "unknown_adapter"),
+        get("limit 10^9", f"{d}?limit=1000000000", 422, "validation_error"),
+        get("limit NaN", f"{d}?limit=nan", 422, "validation_error"),
+        get("offset 2^62", f"{d}?offset={2 ** 62}", 422, "validation_error"),
+        get("negative offset", f"{d}?offset=-1", 422, "validation_error"),
+        get("unknown side", f"{d}?side=__class__", 422, "validation_error"),
+    ]
+    with _timed(lab, cls):
+        answers = []
+        with lab.refusals(cls):
+            for req, response in zip(reqs, lab.send(cls, reqs)):
+                if isinstance(response, httpx.Response):
+                    answers.append((cls, req.label, response.text))
         _check_answers(lab, cls, answers)
     lab.check(cls)
 

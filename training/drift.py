@@ -23,7 +23,6 @@ saved under ``<out>/.work`` as they finish (``--resume``), and taken round-robin
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ from lorasae.drift import (
 from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
-from lorasae.models import load_model, model_fingerprint
+from lorasae.models import decoder_layers, load_model, model_fingerprint, output_head
 from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
 from lorasae.splice import Splice, run_until, stop_after
 
@@ -559,17 +558,17 @@ def _output_side(
 
 
 def _first_adapted_layer(job: _Job) -> int | None:
-    """The first decoder layer any compared adapter changes (None: none inside the decoder layers,
-    e.g. LoRA on the unembedding only)."""
+    """The first decoder layer any compared adapter changes: None when it changes only the
+    unembedding (after every layer), 0 for a module before the decoder layers (embeddings)."""
     from peft.tuners.lora import LoraLayer
 
     names = {ADAPTED} | ({REFERENCE} if job.cfg.against != "base" else set())
+    inside = {id(m): i for i, layer in enumerate(decoder_layers(job.model)) for m in layer.modules()}
+    head = output_head(job.model)
     layers = []
-    for name, module in job.model.named_modules():
-        if isinstance(module, LoraLayer) and names & set(module.lora_A):
-            found = re.search(r"\.layers\.(\d+)\.", name)
-            if found:
-                layers.append(int(found.group(1)))
+    for module in job.model.modules():
+        if isinstance(module, LoraLayer) and names & set(module.lora_A) and module is not head:
+            layers.append(inside.get(id(module), 0))
     return min(layers) if layers else None
 
 

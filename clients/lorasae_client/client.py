@@ -10,6 +10,9 @@
         hits = client.search_latents("blocks.2", "legal", limit=20).to_pandas()
         acts = client.features("The cat sat", latents={"blocks.2": [123, 7]}).latents_frame()
 
+        # latent drift: what adapter "a1" changed about its SAEs' latents, most drifted first
+        drifted = client.drift("a1", side="output").to_pandas()  # against="a2": vs another adapter
+
 429 and 503 answers and transport failures are retried with exponential backoff, honouring the
 server's Retry-After (clamped to ``max_backoff``); see ``_Core._should_retry`` for which requests may be
 resent after which failure. Other errors raise the typed exceptions of ``lorasae_client.errors`` with
@@ -42,6 +45,8 @@ from .errors import APIConnectionError, APITimeoutError, LoraSaeWarning, error_f
 from .schemas import (
     AdapterInfo,
     AdapterList,
+    DriftReport,
+    DriftSide,
     FeaturesResponse,
     HealthResponse,
     LatentRecord,
@@ -187,6 +192,13 @@ class _Core:
             adapter=adapter,
         )
         return _Request("GET", _latents_path(sae), params=params)
+
+    @staticmethod
+    def _drift(
+        adapter: str, against: str | None, sae: str | None, side: DriftSide, limit: int, offset: int
+    ) -> _Request:
+        params = _params(against=against, sae=sae, side=side, limit=limit, offset=offset)
+        return _Request("GET", f"{_adapter_path(adapter)}/drift", params=params)
 
     @staticmethod
     def _register(name: str, path: str | None, upload: str | os.PathLike[str] | bytes | None) -> _Request:
@@ -423,6 +435,25 @@ class LoraSaeClient(_Core):
         )
         return self._parse(self._send(req), LatentSearchResponse)
 
+    def drift(
+        self,
+        adapter: str,
+        *,
+        against: str | None = None,
+        sae: str | None = None,
+        side: DriftSide = "any",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> DriftReport:
+        """What registered adapter ``adapter`` changed about its SAEs' latents, against the base
+        model (or registered adapter ``against``), from the server's drift reports (``--drift``):
+        per SAE the noise thresholds and how many latents drifted, and a page (``offset``, at most
+        ``limit``) of the latents that drifted on ``side`` ("input", "output", "any"; "all": every
+        latent), most drifted first; ``sae`` keeps one SAE. ``.to_pandas()``: one row per latent.
+        Raises NotFoundError (``code``: unknown_adapter, unknown_sae or no_drift)."""
+        req = self._drift(adapter, against, sae, side, limit, offset)
+        return self._parse(self._send(req), DriftReport)
+
     def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
     ) -> AdapterInfo:
@@ -543,6 +574,19 @@ class AsyncLoraSaeClient(_Core):
             sae, q, sort, order, min_density, max_density, include_dead, limit, adapter
         )
         return self._parse(await self._send(req), LatentSearchResponse)
+
+    async def drift(
+        self,
+        adapter: str,
+        *,
+        against: str | None = None,
+        sae: str | None = None,
+        side: DriftSide = "any",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> DriftReport:
+        req = self._drift(adapter, against, sae, side, limit, offset)
+        return self._parse(await self._send(req), DriftReport)
 
     async def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None

@@ -341,6 +341,135 @@ class LatentSearchResponse(_Model):
         return pd.DataFrame(rows, columns=columns)
 
 
+# ------------------------------------------------------------------ latent drift
+
+DriftSide = Literal["any", "input", "output", "all"]
+
+
+class DriftThresholds(_Model):
+    """Noise thresholds of one SAE: each statistic between two disjoint halves of the tokens under
+    the reference model, at the report's noise quantile. A latent drifted when its |ln density
+    ratio|, histogram Jensen-Shannon divergence or 1 - Pearson is above its threshold (input side),
+    or its effect cosine below ``effect_cosine`` (output side)."""
+
+    density_log_ratio: float
+    hist_js: float
+    pearson: float
+    effect_cosine: float
+
+
+class DriftSummary(_Model):
+    """How many latents drifted beyond noise: ``input_fraction`` of the ``alive`` ones (fired under
+    either model), ``output_fraction`` of the ``measured`` ones (an effect under both models)."""
+
+    latents: int
+    alive: int
+    measured: int
+    input_drifted: int
+    output_drifted: int
+    input_fraction: float
+    output_fraction: float
+
+
+class DriftSaeInfo(_Model):
+    """One SAE of a drift report. ``input_identical_by_construction``: the SAE sits before every
+    adapted layer, so what its latents fire on cannot change (only their effect can)."""
+
+    sae: str
+    layer: int
+    d_sae: int
+    first_adapted_layer: int | None = None
+    input_identical_by_construction: bool
+    thresholds: DriftThresholds
+    summary: DriftSummary
+
+
+class DriftToken(_Model):
+    id: int
+    text: str
+
+
+class DriftLatent(_Model):
+    """One latent: reference (base model or ``against``) vs adapted. Statistics that are undefined
+    for it (e.g. the Pearson correlation of a latent that never fired) are null. ``rank`` is within
+    its SAE (1: most drifted); ``score`` is its largest statistic over that statistic's threshold
+    (above 1: drifted); ``sides`` the sides it drifted on; ``evidence`` all of it in words."""
+
+    sae: str
+    layer: int
+    latent: int
+    rank: int
+    score: float | None = None
+    sides: list[str] = Field(default_factory=list)
+    input_drifted: bool
+    output_drifted: bool
+    fired_reference: int
+    fired_adapted: int
+    density_reference: float | None = None
+    density_adapted: float | None = None
+    density_log_ratio: float | None = None
+    pearson: float | None = None
+    top_jaccard: float | None = None
+    hist_js: float | None = None
+    effect_contexts: int
+    effect_cosine: float | None = None
+    effect_norm_ratio: float | None = None
+    promoted_overlap: float | None = None
+    promoted_reference: list[DriftToken] = Field(default_factory=list)
+    promoted_adapted: list[DriftToken] = Field(default_factory=list)
+    suppressed_reference: list[DriftToken] = Field(default_factory=list)
+    suppressed_adapted: list[DriftToken] = Field(default_factory=list)
+    evidence: str
+
+
+class DriftReport(_Model):
+    """``GET /v1/adapters/{name}/drift``: what adapter ``adapter`` changed about its SAEs' latents,
+    against the base model (``against`` null) or another adapter. ``latents``: the page
+    (``offset``, ``limit``) of the ``total`` latents that match ``side``, most drifted first."""
+
+    adapter: str
+    against: str | None = None
+    corpus: str
+    split: str
+    tokens: int
+    created_at: str
+    side: DriftSide
+    saes: list[DriftSaeInfo]
+    total: int
+    offset: int
+    latents: list[DriftLatent]
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per latent of the page, most drifted first: the fields of ``DriftLatent`` (null
+        statistics as NaN), ``sides`` joined with "+" ("input+output", "" for none) and each token
+        list as the list of its texts (needs pandas)."""
+        pd = _pandas()
+        columns = list(DriftLatent.model_fields)
+        rows = []
+        for latent in self.latents:
+            row: dict[str, Any] = {name: getattr(latent, name) for name in columns}
+            row["sides"] = "+".join(latent.sides)
+            for name in _DRIFT_TOKEN_LISTS:
+                row[name] = [t.text for t in getattr(latent, name)]
+            rows.append(row)
+        return pd.DataFrame(rows, columns=columns).astype({name: "float64" for name in _DRIFT_FLOATS})
+
+
+_DRIFT_TOKEN_LISTS = ("promoted_reference", "promoted_adapted", "suppressed_reference", "suppressed_adapted")
+_DRIFT_FLOATS = (
+    "score",
+    "density_reference",
+    "density_adapted",
+    "density_log_ratio",
+    "pearson",
+    "top_jaccard",
+    "hist_js",
+    "effect_cosine",
+    "effect_norm_ratio",
+    "promoted_overlap",
+)
+
+
 def _pandas() -> Any:
     try:
         import pandas as pd

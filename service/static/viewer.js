@@ -11,6 +11,12 @@
  * latent, a search result (GET /v1/saes/{sae}/latents?q=...) or the Latent input; with an adapter
  * chosen, the base model's record and the adapter's are shown side by side.
  *
+ * Drift: an adapter's drift report (GET /v1/adapters/{name}/drift, against the base model or another
+ * adapter): per SAE how many latents drifted beyond noise, and the latents ranked, most drifted
+ * first; a latent opens with its drift numbers and its reference and adapted dashboards side by
+ * side. The view is in the URL: #drift?adapter=NAME[&against=NAME][&sae=SAE][&side=..][&offset=N]
+ * [&latent_sae=SAE&latent=I] opens it (on load and when the hash changes).
+ *
  * Every value shown is also in a data-* attribute (raw JSON number) for tests and copy/paste.
  */
 "use strict";
@@ -23,6 +29,9 @@ const state = {
   latent: null,    // {sae, index}: the latent whose dashboard is shown
   latentLoads: 0,  // dashboard loads started (a stale answer is dropped)
   searches: 0,     // searches started (likewise)
+  drift: null,     // {params, report}: the drift report shown
+  driftLoads: 0,   // drift loads started (likewise)
+  driftLatentLoads: 0,  // drift latent views started (likewise)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -138,6 +147,7 @@ function fillAdapters() {
 async function loadAdapters() {
   state.adapters = (await api("v1/adapters")).adapters;
   fillAdapters();
+  fillDriftPickers();
 }
 
 /** Viewing an SAE the adapter was not trained with would change its splice: default to one of its own. */
@@ -472,9 +482,9 @@ async function openLatent(sae, index, {scroll = false} = {}) {
   view.dataset.seq = String(seq);
 }
 
-/** One column of the latent view: a record, or the message of its error in place. */
-function latentSide(adapter, {record, error}) {
-  const side = adapter ? "adapter" : "base";
+/** One column of the latent view: a record, or the message of its error in place. `side` names the
+ * column (data-side): base / adapter here, reference / adapted in the drift view. */
+function latentSide(adapter, {record, error}, side = adapter ? "adapter" : "base") {
   const label = adapter ? `adapter ${adapter}` : "base model";
   if (error) {
     return el("div", {class: "latent-side missing", "data-side": side, "data-state": "error",
@@ -675,6 +685,260 @@ function onSearchClick(event) {
   openLatent(row.dataset.sae, Number(row.dataset.index));
 }
 
+// ------------------------------------------------------------------ latent drift
+
+const DRIFT_PAGE = 50;
+const SIDE_LABELS = {any: "drifted on either side", input: "drifted on the input side",
+                     output: "drifted on the output side", all: "all latents"};
+const pct = (fraction) => `${(100 * fraction).toFixed(1)}%`;
+
+function fillDriftPickers() {
+  const ready = state.adapters.filter((a) => a.status === "ready").map((a) => a.name);
+  const keep = (id, options) => {
+    const current = $(id).value;
+    $(id).replaceChildren(...options);
+    if ([...$(id).options].some((o) => o.value === current)) $(id).value = current;
+  };
+  keep("drift-adapter", ready.map((name) => el("option", {value: name}, name)));
+  keep("drift-against", [el("option", {value: ""}, "base model"),
+                         ...ready.map((name) => el("option", {value: name}, `adapter ${name}`))]);
+  keep("drift-sae", [el("option", {value: ""}, "all of the report's"),
+                     ...state.saes.map((s) => el("option", {value: s.id}, s.id))]);
+}
+
+/** The form as drift parameters. */
+function driftForm() {
+  return {adapter: $("drift-adapter").value, against: $("drift-against").value || null,
+          sae: $("drift-sae").value || null, side: $("drift-side").value};
+}
+
+/** The URL hash of a drift view (see the header comment). */
+function driftHash(params, offset, latent) {
+  const q = new URLSearchParams({adapter: params.adapter});
+  if (params.against) q.set("against", params.against);
+  if (params.sae) q.set("sae", params.sae);
+  q.set("side", params.side);
+  if (offset) q.set("offset", String(offset));
+  if (latent) {
+    q.set("latent_sae", latent.sae);
+    q.set("latent", String(latent.latent));
+  }
+  return `#drift?${q}`;
+}
+
+/** Load a page of a drift report; resolves to whether it was shown. */
+async function loadDrift(params, offset = 0) {
+  clearError();
+  const seq = ++state.driftLoads;
+  const table = $("drift-results");
+  table.dataset.state = "loading";
+  $("drift-run").disabled = true;
+  const q = new URLSearchParams({side: params.side, limit: String(DRIFT_PAGE), offset: String(offset)});
+  if (params.against) q.set("against", params.against);
+  if (params.sae) q.set("sae", params.sae);
+  try {
+    const report = await api(`v1/adapters/${encodeURIComponent(params.adapter)}/drift?${q}`);
+    if (seq !== state.driftLoads) return false;
+    if (!showing(params)) clearDriftLatent();  // another report: the latent shown was of the previous one
+    state.drift = {params, report};
+    renderDrift(report);
+    history.replaceState(null, "", driftHash(params, offset, null));
+    table.dataset.state = "done";
+    return true;
+  } catch (err) {
+    if (seq !== state.driftLoads) return false;
+    state.drift = null;
+    clearDriftLatent();
+    table.replaceChildren();
+    $("drift-saes").replaceChildren();
+    $("drift-info").textContent = "";
+    $("drift-prev").disabled = $("drift-next").disabled = true;
+    table.dataset.state = "error";
+    showError(err);
+    return false;
+  } finally {
+    if (seq === state.driftLoads) {
+      $("drift-run").disabled = false;
+      table.dataset.load = String(seq);
+    }
+  }
+}
+
+/** Whether the drift report shown is the one `params` name (any page of it). */
+const showing = (params) => state.drift !== null && JSON.stringify(state.drift.params) === JSON.stringify(params);
+
+function clearDriftLatent() {
+  const view = $("drift-latent");
+  view.replaceChildren(el("p", {class: "hint"},
+    "Click a latent for its drift and its reference and adapted dashboards side by side."));
+  view.dataset.state = "empty";
+  for (const key of ["sae", "index", "missing"]) delete view.dataset[key];
+}
+
+function renderDrift(report) {
+  const against = report.against ? `adapter ${report.against}` : "the base model";
+  const first = report.latents.length ? report.offset + 1 : 0;
+  const info = $("drift-info");
+  info.dataset.total = String(report.total);
+  info.dataset.offset = String(report.offset);
+  info.textContent = `Adapter ${report.adapter} vs ${against}, over ${report.tokens} tokens of ${report.corpus} `
+    + `(${report.split}): ${first}\u2013${report.offset + report.latents.length} of ${report.total} `
+    + `latent(s) ${SIDE_LABELS[report.side]}, most drifted first`
+    + (report.latents.length ? "; click one for its drift and dashboards" : "");
+  $("drift-saes").replaceChildren(driftSaes(report));
+  const several = report.saes.length > 1;
+  const rows = report.latents.map((x) => el("tr", {"data-sae": x.sae, "data-layer": x.layer, "data-latent": x.latent,
+                                                   "data-rank": x.rank, title: "click: its drift and dashboards"},
+    el("td", {class: "num", "data-col": "rank"}, String(x.rank)),
+    ...(several ? [el("td", {"data-col": "sae"}, x.sae)] : []),
+    el("td", {class: "num", "data-col": "latent"}, String(x.latent)),
+    el("td", {class: "num", "data-col": "score", "data-value": raw(x.score)}, fmt(x.score)),
+    el("td", {"data-col": "sides"}, ...x.sides.map((s) => el("span", {class: `badge side ${s}`}, s))),
+    el("td", {class: "evidence", "data-col": "evidence"}, x.evidence)));
+  $("drift-results").replaceChildren(
+    headRow("rank", ...(several ? ["SAE"] : []), "latent", "score", "drifted", "evidence"),
+    el("tbody", {}, ...rows));
+  $("drift-prev").disabled = report.offset === 0;
+  $("drift-next").disabled = report.offset + report.latents.length >= report.total;
+}
+
+/** Per SAE: how many latents drifted beyond noise on each side, the thresholds, and whether its
+ * input is identical by construction. */
+function driftSaes(report) {
+  const count = (side, n, fraction, of) => el("td", {class: "num", "data-col": `${side}-drifted`,
+                                                     "data-value": n, "data-fraction": raw(fraction)},
+                                              `${n} (${pct(fraction)} of ${of})`);
+  const rows = report.saes.map((s) => {
+    const t = s.thresholds;
+    const note = s.input_identical_by_construction
+      ? el("span", {class: "identical"}, "input identical by construction: the SAE reads the residual stream "
+           + `before the first adapted layer (${s.first_adapted_layer}); only what its latents do can change`)
+      : `first adapted layer ${s.first_adapted_layer ?? "\u2014"}`;
+    return el("tr", {"data-sae": s.sae, "data-layer": s.layer,
+                     "data-identical": String(s.input_identical_by_construction)},
+      el("td", {}, s.sae),
+      el("td", {class: "num", "data-col": "latents", "data-value": s.summary.latents}, String(s.summary.latents)),
+      count("input", s.summary.input_drifted, s.summary.input_fraction, `${s.summary.alive} alive`),
+      count("output", s.summary.output_drifted, s.summary.output_fraction, `${s.summary.measured} measured`),
+      el("td", {class: "thresholds", "data-col": "thresholds", "data-density-log-ratio": t.density_log_ratio,
+                "data-hist-js": t.hist_js, "data-pearson": t.pearson, "data-effect-cosine": t.effect_cosine},
+         `|ln density ratio| > ${fmt(t.density_log_ratio)}, histogram JS > ${fmt(t.hist_js)}, `
+         + `1 \u2212 Pearson > ${fmt(t.pearson)}; effect cosine < ${fmt(t.effect_cosine)}`),
+      el("td", {class: "note", "data-col": "note"}, note));
+  });
+  return el("table", {id: "drift-sae-table"},
+    headRow("SAE", "latents", "input drifted", "output drifted", "noise thresholds (drifted beyond)", ""),
+    el("tbody", {}, ...rows));
+}
+
+function onDriftSubmit(event) {
+  event.preventDefault();
+  loadDrift(driftForm());
+}
+
+function onDriftPage(step) {
+  if (!state.drift) return;
+  const {params, report} = state.drift;
+  loadDrift(params, Math.max(0, report.offset + step * DRIFT_PAGE));
+}
+
+function onDriftClick(event) {
+  const row = event.target.closest("tr[data-latent]");
+  if (!row || !state.drift) return;
+  const item = state.drift.report.latents.find(
+    (x) => x.sae === row.dataset.sae && x.latent === Number(row.dataset.latent));
+  clearError();
+  openDriftLatent(item.sae, item.latent);
+}
+
+/** One latent of the report shown: its drift numbers (when it is on the page) and the reference's and
+ * the adapted model's dashboards side by side; a missing dashboard is said in place, with a note. */
+async function openDriftLatent(sae, latent) {
+  const {params, report} = state.drift;
+  const item = report.latents.find((x) => x.sae === sae && x.latent === latent) || null;
+  const seq = ++state.driftLatentLoads;
+  const view = $("drift-latent");
+  Object.assign(view.dataset, {state: "loading", sae, index: String(latent)});
+  history.replaceState(null, "", driftHash(params, report.offset, {sae, latent}));
+  const sides = [{role: "reference", adapter: params.against}, {role: "adapted", adapter: params.adapter}];
+  const answers = await Promise.all(sides.map((s) => api(withAdapter(latentPath(sae, latent), s.adapter))
+    .then((record) => ({record}), (error) => ({error}))));
+  // another latent was opened meanwhile, or another report loaded (its latent view was cleared)
+  if (seq !== state.driftLatentLoads || !showing(params)) return;
+  const missing = sides.filter((s, i) => answers[i].error && answers[i].error.code === "no_dashboard");
+  const serious = answers.find((a) => a.error && a.error.code !== "no_dashboard");
+  if (serious) showError(serious.error);
+  const label = (s) => (s.adapter ? `adapter ${s.adapter}` : "the base model");
+  const shown = sides.filter((s) => !missing.includes(s)).map((s) => s.role);
+  const notes = missing.map((s) => el("p", {class: "drift-note", "data-missing": s.role},
+    el("strong", {}, `No dashboard of ${sae} through ${label(s)} is served`),
+    `: ${shown.length ? `only the ${shown.join(" and ")} page is shown` : "no page to show"}. Make one with `,
+    el("code", {}, s.adapter ? "lorasae dashboards --adapter DIR --out DIR" : "lorasae dashboards --out DIR"),
+    " and start the server with ", el("code", {}, "--dashboards DIR"), "."));
+  view.replaceChildren(
+    el("h3", {id: "drift-latent-title"}, `Latent ${latent} of ${sae}`,
+       el("small", {}, ` ${label(sides[0])} (reference) vs adapter ${params.adapter} (adapted)`)),
+    item ? driftNumbers(item) : el("p", {class: "hint"}, "Not on the listed page: its drift numbers are not shown."),
+    ...notes,
+    el("div", {class: "latent-sides n2"}, ...answers.map((a, i) => latentSide(sides[i].adapter, a, sides[i].role))));
+  view.dataset.missing = missing.map((s) => s.role).join(" ");
+  view.dataset.state = answers.every((a) => a.error) ? "error" : "done";
+  view.dataset.seq = String(seq);
+}
+
+/** A latent's drift: every number of its row (data-value: the raw JSON), its tokens, its evidence. */
+function driftNumbers(x) {
+  // counts as integers, statistics with fmt(); two values: reference -> adapted
+  const show = (name, label, text, values) => [
+    el("dt", {}, label),
+    el("dd", {class: `drift-${name}`, "data-value": values.map(raw).join(" ")},
+       values.map(text).join(" \u2192 "))];
+  const stat = (name, label, ...values) => show(name, label, fmt, values);
+  const count = (name, label, ...values) => show(name, label, String, values);
+  const tokens = (name, label) => [
+    el("dt", {}, label),
+    el("dd", {class: `drift-${name} tokens`},
+       ...[`${name}_reference`, `${name}_adapted`].map((key, i) => el("span", {class: "pieces", "data-which": key},
+         i ? "\u2192 " : "", ...x[key].map((t) => el("span", {class: "piece", "data-id": t.id}, t.text)))))];
+  return el("div", {class: "drift-numbers", "data-sae": x.sae, "data-latent": x.latent},
+    el("dl", {class: "stats"},
+       ...count("rank", "rank", x.rank),
+       ...stat("score", "score (largest statistic / its threshold)", x.score),
+       ...count("fired", "fired (reference \u2192 adapted)", x.fired_reference, x.fired_adapted),
+       ...stat("density", "density", x.density_reference, x.density_adapted),
+       ...stat("density_log_ratio", "|ln density ratio|", x.density_log_ratio),
+       ...stat("pearson", "Pearson (same tokens)", x.pearson),
+       ...stat("top_jaccard", "top contexts shared (Jaccard)", x.top_jaccard),
+       ...stat("hist_js", "histogram JS divergence", x.hist_js),
+       ...count("effect_contexts", "effect contexts", x.effect_contexts),
+       ...stat("effect_cosine", "effect cosine", x.effect_cosine),
+       ...stat("effect_norm_ratio", "effect norm ratio", x.effect_norm_ratio),
+       ...stat("promoted_overlap", "promoted tokens shared", x.promoted_overlap),
+       ...tokens("promoted", "promotes"),
+       ...tokens("suppressed", "suppresses")),
+    el("p", {class: "evidence"}, el("strong", {}, x.sides.length ? `drifted: ${x.sides.join(" and ")}. ` : "within noise. "),
+       x.evidence));
+}
+
+/** Open the drift view the URL hash names, if it names one. */
+async function route() {
+  if (!location.hash.startsWith("#drift?")) return;
+  const q = new URLSearchParams(location.hash.slice("#drift?".length));
+  const params = {adapter: q.get("adapter") || "", against: q.get("against") || null, sae: q.get("sae") || null,
+                  side: q.get("side") || "any"};
+  const pick = (id, value) => {
+    if ([...$(id).options].some((o) => o.value === value)) $(id).value = value;
+  };
+  pick("drift-adapter", params.adapter);
+  pick("drift-against", params.against || "");
+  pick("drift-sae", params.sae || "");
+  pick("drift-side", params.side);
+  const latent = q.get("latent");
+  const shown = await loadDrift(params, Number(q.get("offset")) || 0);
+  $("drift").scrollIntoView({block: "start"});
+  if (shown && latent !== null && q.get("latent_sae")) openDriftLatent(q.get("latent_sae"), Number(latent));
+}
+
 // ------------------------------------------------------------------ start
 
 async function init() {
@@ -691,6 +955,11 @@ async function init() {
   });
   for (const type of ["mouseover", "focusin", "click"]) $("tokens").addEventListener(type, onTokenEvent);
   $("panel").addEventListener("click", onPanelClick);
+  $("drift-controls").addEventListener("submit", onDriftSubmit);
+  $("drift-prev").addEventListener("click", () => onDriftPage(-1));
+  $("drift-next").addEventListener("click", () => onDriftPage(1));
+  $("drift-results").addEventListener("click", onDriftClick);
+  window.addEventListener("hashchange", route);
   try {
     const health = await waitReady();
     state.saes = health.saes;
@@ -700,6 +969,8 @@ async function init() {
     setStatus("ready", `${health.model} \u00b7 ${state.saes.length} SAE(s) \u00b7 ${ready} adapter(s)`);
     $("run").disabled = false;
     $("search-run").disabled = false;
+    $("drift-run").disabled = false;
+    await route();
   } catch (err) {
     setStatus("error", "not ready");
     showError(err);
