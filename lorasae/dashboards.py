@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from lorasae.errors import LorasaeError
-from lorasae.files import write_atomic, write_json_atomic
+from lorasae.files import write_atomic
+from lorasae.folder_manifest import FolderManifest
 
 MANIFEST_FILE = "dashboards.json"
 TOKENS_FILE = "tokens.parquet"
@@ -82,7 +83,13 @@ class DashboardSettings(_Strict):
     shard_sequences: Annotated[int, Field(ge=1)]
 
 
-class DashboardManifest(_Strict):
+class DashboardManifest(FolderManifest):
+    FILE = MANIFEST_FILE
+    FORMAT = FORMAT
+    VERSION = VERSION
+    MAX_BYTES = MAX_MANIFEST_BYTES
+    KIND = "dashboard"
+
     format: str = FORMAT
     version: int = VERSION
     model_id: Annotated[str, Field(max_length=4096)]
@@ -100,37 +107,6 @@ class DashboardManifest(_Strict):
     processes: Annotated[int, Field(ge=1)] = 1
     seconds: float = 0.0
     created_at: Annotated[str, Field(max_length=64)] = ""
-
-    def sae(self, layer: int) -> DashboardSae:
-        for entry in self.saes:
-            if entry.layer == layer:
-                return entry
-        raise LorasaeError(f"the dashboard has no SAE at layer {layer}")
-
-    def save(self, directory: Path) -> Path:
-        return write_json_atomic(Path(directory) / MANIFEST_FILE, self.model_dump(mode="json"))
-
-    @classmethod
-    def load(cls, directory: Path | str) -> DashboardManifest:
-        path = Path(directory) / MANIFEST_FILE
-        try:
-            if path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise LorasaeError(f"{path} is over {MAX_MANIFEST_BYTES} bytes: not a dashboard manifest")
-            manifest = cls.model_validate_json(path.read_bytes())
-        except FileNotFoundError as exc:
-            raise LorasaeError(f"no {MANIFEST_FILE} in {directory}: not a lorasae dashboard folder") from exc
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
-            raise LorasaeError(f"invalid {path}: {where}: {first.get('msg')}") from exc
-        except OSError as exc:
-            raise LorasaeError(f"cannot read {path}: {exc.strerror}") from exc
-        if manifest.format != FORMAT or manifest.version != VERSION:
-            raise LorasaeError(
-                f"{path}: format {manifest.format!r} version {manifest.version} is not "
-                f"{FORMAT!r} version {VERSION}"
-            )
-        return manifest
 
 
 def log_edges(low: float = 1e-2, high: float = 1e3, per_decade: int = 10) -> list[float]:

@@ -34,10 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from lorasae.errors import LorasaeError
-from lorasae.files import write_atomic, write_json_atomic
+from lorasae.files import write_atomic
+from lorasae.folder_manifest import FolderManifest
 
 MANIFEST_FILE = "drift.json"
 PLOT_FILE = "drift.png"
@@ -130,7 +131,13 @@ class DriftSettings(_Strict):
     shard_sequences: Annotated[int, Field(ge=1)]
 
 
-class DriftManifest(_Strict):
+class DriftManifest(FolderManifest):
+    FILE = MANIFEST_FILE
+    FORMAT = FORMAT
+    VERSION = VERSION
+    MAX_BYTES = MAX_MANIFEST_BYTES
+    KIND = "drift report"
+
     format: str = FORMAT
     version: int = VERSION
     model_id: _Text
@@ -150,35 +157,9 @@ class DriftManifest(_Strict):
     seconds: float = 0.0
     created_at: Annotated[str, Field(max_length=64)] = ""
 
-    def sae(self, layer: int) -> DriftSae:
-        for entry in self.saes:
-            if entry.layer == layer:
-                return entry
-        raise LorasaeError(f"the drift report has no SAE at layer {layer}")
-
-    def save(self, directory: Path) -> Path:
-        return write_json_atomic(Path(directory) / MANIFEST_FILE, self.model_dump(mode="json"))
-
     @classmethod
     def load(cls, directory: Path | str) -> DriftManifest:
-        path = Path(directory) / MANIFEST_FILE
-        try:
-            if path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise LorasaeError(f"{path} is over {MAX_MANIFEST_BYTES} bytes: not a drift manifest")
-            manifest = cls.model_validate_json(path.read_bytes())
-        except FileNotFoundError as exc:
-            raise LorasaeError(f"no {MANIFEST_FILE} in {directory}: not a lorasae drift folder") from exc
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
-            raise LorasaeError(f"invalid {path}: {where}: {first.get('msg')}") from exc
-        except OSError as exc:
-            raise LorasaeError(f"cannot read {path}: {exc.strerror}") from exc
-        if manifest.format != FORMAT or manifest.version != VERSION:
-            raise LorasaeError(
-                f"{path}: format {manifest.format!r} version {manifest.version} is not "
-                f"{FORMAT!r} version {VERSION}"
-            )
+        manifest = super().load(directory)
         for entry in manifest.saes:
             if not (Path(directory) / entry.file).is_file():
                 raise LorasaeError(f"drift report {directory}: {entry.file} is missing")

@@ -221,6 +221,26 @@ def _top_token_ids(contexts: pa.Array) -> list[list[int]]:
     return [[token for token, _ in c.most_common(TOP_TOKENS)] for c in counts]
 
 
+def check_loaded_sae(engine: Engine, where: str, entry: Any) -> None:
+    """A result folder's SAE ``entry`` (``sae_id``, ``layer``, ``fingerprint``, ``d_sae``) is the
+    one the server loaded at that layer (LorasaeError starting with ``where`` otherwise)."""
+    loaded_sae = engine.by_layer.get(entry.layer)
+    if loaded_sae is None or engine.sae_fingerprints[entry.layer] != entry.fingerprint:
+        loaded = ", ".join(
+            f"{engine.names[layer]} (layer {layer}, fingerprint {fp})"
+            for layer, fp in engine.sae_fingerprints.items()
+        )
+        raise LorasaeError(
+            f"{where}: its SAE {entry.sae_id!r} (layer {entry.layer}, fingerprint {entry.fingerprint}) is "
+            f"not loaded; loaded: {loaded}. Start the server with that SAE (--sae) or leave this folder out"
+        )
+    if entry.d_sae != loaded_sae.d_sae:
+        raise LorasaeError(
+            f"{where}: its manifest gives the SAE at layer {entry.layer} {entry.d_sae} latents; the "
+            f"loaded one has {loaded_sae.d_sae}"
+        )
+
+
 @dataclass
 class Covered:
     """One SAE of one dashboard folder, as served."""
@@ -262,22 +282,7 @@ class DashboardIndex:
                 )
             adapter = m.adapter.fingerprint if m.adapter is not None else None
             for entry in m.saes:
-                loaded_sae = engine.by_layer.get(entry.layer)
-                if loaded_sae is None or engine.sae_fingerprints[entry.layer] != entry.fingerprint:
-                    loaded = ", ".join(
-                        f"{engine.names[layer]} (layer {layer}, fingerprint {fp})"
-                        for layer, fp in engine.sae_fingerprints.items()
-                    )
-                    raise LorasaeError(
-                        f"dashboard {folder}: its SAE {entry.sae_id!r} (layer {entry.layer}, "
-                        f"fingerprint {entry.fingerprint}) is not loaded; loaded: {loaded}. "
-                        "Start the server with that SAE (--sae) or leave this dashboard out"
-                    )
-                if entry.d_sae != loaded_sae.d_sae:
-                    raise LorasaeError(
-                        f"dashboard {folder}: its manifest gives the SAE at layer {entry.layer} "
-                        f"{entry.d_sae} latents; the loaded one has {loaded_sae.d_sae}"
-                    )
+                check_loaded_sae(engine, f"dashboard {folder}", entry)
                 key = (entry.layer, adapter)
                 if key in covered:
                     through = f"adapter fingerprint {adapter}" if adapter else "the base model"

@@ -23,6 +23,8 @@ import numpy as np
 from lorasae.drift import DRIFT_COLUMNS, DriftManifest, DriftSae, read_drift
 from lorasae.errors import LorasaeError
 
+from .dashboards import check_loaded_sae
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -124,7 +126,7 @@ class DriftIndex:
                 )
             tables = {}
             for entry in m.saes:
-                _check_sae(engine, folder, entry)
+                check_loaded_sae(engine, f"drift report {folder}", entry)
                 tables[entry.layer] = _read_table(directory, entry, m)
             key = (m.adapter.fingerprint, m.reference.fingerprint if m.reference is not None else None)
             if key in reports:
@@ -138,25 +140,6 @@ class DriftIndex:
 
     def find(self, adapter_fingerprint: str, reference_fingerprint: str | None) -> ServedDrift | None:
         return self._reports.get((adapter_fingerprint, reference_fingerprint))
-
-
-def _check_sae(engine: Engine, folder: str | Path, entry: DriftSae) -> None:
-    loaded_sae = engine.by_layer.get(entry.layer)
-    if loaded_sae is None or engine.sae_fingerprints[entry.layer] != entry.fingerprint:
-        loaded = ", ".join(
-            f"{engine.names[layer]} (layer {layer}, fingerprint {fp})"
-            for layer, fp in engine.sae_fingerprints.items()
-        )
-        raise LorasaeError(
-            f"drift report {folder}: its SAE {entry.sae_id!r} (layer {entry.layer}, fingerprint "
-            f"{entry.fingerprint}) is not loaded; loaded: {loaded}. Start the server with that SAE "
-            "(--sae) or leave this report out"
-        )
-    if entry.d_sae != loaded_sae.d_sae:
-        raise LorasaeError(
-            f"drift report {folder}: its manifest gives the SAE at layer {entry.layer} {entry.d_sae} "
-            f"latents; the loaded one has {loaded_sae.d_sae}"
-        )
 
 
 def _read_table(directory: Path, entry: DriftSae, manifest: DriftManifest) -> DriftTable:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import plain_latents
 from service_fixtures import make_adapter
+from test_dashboards import _Interrupt, _interrupt_after
 from test_train_lora import BIN, SUBPROCESS_TIMEOUT, free_port, subprocess_env
 from tiny_world import CTX
 
@@ -210,23 +211,6 @@ def test_base_vs_base_stays_below_the_noise_threshold(planted, tiny_world, tmp_p
 
 
 # ---------------------------------------------------------------------- runs, files
-
-
-class _Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(mp: pytest.MonkeyPatch, owner: object, name: str, calls: int) -> None:
-    real = getattr(owner, name)
-    count = {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise _Interrupt
-        return real(*args, **kwargs)
-
-    mp.setattr(owner, name, wrapped)
 
 
 def tables(out: Path) -> dict[str, object]:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +47,6 @@ from lorasae.dashboards import (
 )
 from lorasae.data import TokenTexts, packed_sequences
 from lorasae.errors import LorasaeError
-from lorasae.files import write_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
 from lorasae.models import (
     final_norm,
@@ -203,36 +201,23 @@ def _statistics_pass(job: _Job) -> None:
             s.layer: LatentStats.empty(s.d_sae, cfg.top_n, bins, SAMPLES_PER_BIN, job.window)
             for s in job.saes
         }
-        rows = job.shard_rows(shard)
-        for first in range(rows.start, rows.stop, cfg.batch_size):
-            ids = job.sequences[first : min(first + cfg.batch_size, rows.stop)]
-            seq = torch.arange(first, first + ids.shape[0])[:, None]
-            index = seq * cfg.ctx + torch.arange(cfg.ctx)
-            valid = torch.ones_like(ids, dtype=torch.bool)
-            valid[:, 0] = False  # BOS: excluded, as in training and evaluation
+        for batch in job.batches(shard, cfg.batch_size):
             with torch.inference_mode():
                 with Splice(job.model, job.saes, cfg.keep_first, record=True) as splice:
                     with stop_after(job.model, last):
-                        run_until(job.model, input_ids=ids.to(model_device(job.model)))
+                        run_until(job.model, input_ids=batch.ids.to(model_device(job.model)))
             for layer, st in stats.items():
-                st.update(splice.records[layer].latents, index, job.edges, cfg.window_before, valid)
-            bar.update(ids.numel())
-        states = {layer: st.state_dict() for layer, st in stats.items()}
-        write_atomic(job.shard_file("stats", shard), partial(torch.save, states))
+                st.update(
+                    splice.records[layer].latents, batch.index, job.edges, cfg.window_before, batch.valid
+                )
+            bar.update(batch.ids.numel())
+        job.save("stats", shard, {layer: st.state_dict() for layer, st in stats.items()})
     bar.close()
 
 
 def _merged_stats(job: _Job) -> dict[int, LatentStats]:
     """All shards' statistics merged in shard order (the same in every process)."""
-    merged: dict[int, LatentStats] = {}
-    for shard in job.shards:
-        for layer, state in torch.load(job.shard_file("stats", shard)).items():
-            part = LatentStats.from_state_dict(state)
-            if layer in merged:
-                merged[layer].merge(part)
-            else:
-                merged[layer] = part
-    return merged
+    return job.merged("stats", LatentStats.from_state_dict)
 
 
 # ---------------------------------------------------------------------- pass 2: causal effect
@@ -262,8 +247,7 @@ def _effect_pass(job: _Job, rows: EffectRows) -> None:
                 job.model, job.saes, job.sequences[seq], rows.take(mine[here]), job.cfg.keep_first
             )
             bar.update(here.numel())
-        result = {"rows": mine, "clean": clean, "ablated": ablated}
-        write_atomic(job.shard_file("effect", shard), partial(torch.save, result))
+        job.save("effect", shard, {"rows": mine, "clean": clean, "ablated": ablated})
     bar.close()
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +54,6 @@ from lorasae.drift import (
     write_drift,
 )
 from lorasae.errors import LorasaeError
-from lorasae.files import write_atomic
 from lorasae.manifest import AdapterManifest, adapter_file_fingerprint
 from lorasae.models import decoder_layers, load_model, model_fingerprint, output_head
 from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
@@ -261,13 +260,8 @@ def _statistics_pass(job: _Job) -> None:
             )
             for s in job.saes
         }
-        rows = job.shard_rows(shard)
-        for first in range(rows.start, rows.stop, cfg.batch_size):
-            ids = job.sequences[first : min(first + cfg.batch_size, rows.stop)]
-            seq = torch.arange(first, first + ids.shape[0])
-            index = seq[:, None] * cfg.ctx + torch.arange(cfg.ctx)
-            valid = torch.ones_like(ids, dtype=torch.bool)
-            valid[:, 0] = False  # BOS: excluded, as in training and evaluation
+        for batch in job.batches(shard, cfg.batch_size):
+            ids, seq, index, valid = batch.ids, batch.sequence, batch.index, batch.valid
             ref, ada = _latents(job, REFERENCE, ids), _latents(job, ADAPTED, ids)
             for layer, st in stats.items():
                 x, y = ref[layer], ada[layer]
@@ -283,21 +277,12 @@ def _statistics_pass(job: _Job) -> None:
                     for i, value in enumerate(sums, start=1):
                         st.paired[half, i] += value.sum(0, dtype=torch.float64)
             bar.update(ids.numel())
-        states = {layer: st.state_dict() for layer, st in stats.items()}
-        write_atomic(job.shard_file("stats", shard), partial(torch.save, states))
+        job.save("stats", shard, {layer: st.state_dict() for layer, st in stats.items()})
     bar.close()
 
 
 def _merged_stats(job: _Job) -> dict[int, _LayerStats]:
-    merged: dict[int, _LayerStats] = {}
-    for shard in job.shards:
-        for layer, state in torch.load(job.shard_file("stats", shard)).items():
-            part = _LayerStats.from_state_dict(state)
-            if layer in merged:
-                merged[layer].merge(part)
-            else:
-                merged[layer] = part
-    return merged
+    return job.merged("stats", _LayerStats.from_state_dict)
 
 
 # ---------------------------------------------------------------------- pass 2: causal effects
@@ -377,7 +362,7 @@ def _effect_pass(job: _Job, plan: _Plan) -> None:
                     )
                     bar.update(here.numel())
             result[side] = {"rows": mine, "clean": clean, "ablated": ablated}
-        write_atomic(job.shard_file("effect", shard), partial(torch.save, result))
+        job.save("effect", shard, result)
     bar.close()
 
 

@@ -9,15 +9,17 @@ are saved in ``.work/config.json``: a resume with other settings is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from lorasae.errors import LorasaeError
-from lorasae.files import write_json_atomic
+from lorasae.files import write_atomic, write_json_atomic
 
 WORK_DIR = ".work"
 CONFIG_FILE = "config.json"
@@ -41,6 +43,21 @@ def check_out(out: Path, finished: str, what: str, settings: dict[str, Any], res
 
 def save_settings(work: Path, settings: dict[str, Any]) -> None:
     write_json_atomic(work / CONFIG_FILE, settings)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, ctx]
+    sequence: torch.Tensor  # [B] index of each sequence
+    index: torch.Tensor  # [B, ctx] global token index (sequence * ctx + position)
+    valid: torch.Tensor  # [B, ctx] tokens that count
+
+
+class Mergeable(Protocol):
+    def merge(self, other: Any) -> None: ...
+
+
+M = TypeVar("M", bound=Mergeable)
 
 
 @dataclass
@@ -72,3 +89,32 @@ class ShardedJob:
 
     def bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=self.rank != 0, smoothing=0.1)
+
+    def batches(self, shard: int, batch_size: int) -> Iterator[Batch]:
+        """The shard's sequences in batches, with their global token indices and which tokens count
+        (not position 0, BOS: excluded, as in training and evaluation)."""
+        rows = self.shard_rows(shard)
+        ctx = self.sequences.shape[1]
+        for first in range(rows.start, rows.stop, batch_size):
+            ids = self.sequences[first : min(first + batch_size, rows.stop)]
+            seq = torch.arange(first, first + ids.shape[0])
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            valid[:, 0] = False
+            yield Batch(ids, seq, seq[:, None] * ctx + torch.arange(ctx), valid)
+
+    def save(self, prefix: str, shard: int, result: Any) -> None:
+        """A shard's result, written atomically: its file exists only once it is whole."""
+        write_atomic(self.shard_file(prefix, shard), partial(torch.save, result))
+
+    def merged(self, prefix: str, load: Callable[[Any], M]) -> dict[int, M]:
+        """The per-layer states of every shard of pass ``prefix`` (``{layer: state}`` per file),
+        read with ``load`` and merged in shard order: the same result in every process."""
+        merged: dict[int, M] = {}
+        for shard in self.shards:
+            for layer, state in torch.load(self.shard_file(prefix, shard)).items():
+                part = load(state)
+                if layer in merged:
+                    merged[layer].merge(part)
+                else:
+                    merged[layer] = part
+        return merged
