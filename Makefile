@@ -47,10 +47,11 @@ load: install
 	LORASAE_LOAD_SECONDS=$(LOAD_SECONDS) LORASAE_LOAD_CLIENTS=$(LOAD_CLIENTS) \
 		$(BIN)/python -m pytest -s -m load tests/test_load_fault.py
 
-# serving and training benchmarks on the embedded default model; JSON in bench-output/ to compare runs
+# serving, generation and training benchmarks on the embedded default model; JSON in bench-output/ to compare runs
 bench: install
 	mkdir -p bench-output
 	$(BIN)/python bench/serve.py --out bench-output/serve.json
+	$(BIN)/python bench/generate.py --out bench-output/generate.json
 	$(BIN)/python bench/train.py --out bench-output/train.json
 
 clean:

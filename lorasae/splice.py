@@ -34,11 +34,16 @@ def _with_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Te
 
 @contextmanager
 def replace_outputs(
-    model: nn.Module, replacements: Mapping[int, Replacement], keep_first: bool = True
+    model: nn.Module,
+    replacements: Mapping[int, Replacement],
+    keep_first: bool = True,
+    keep: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """While active, the hidden output ``x`` of layer ``L`` becomes ``replacements[L](x)``.
 
-    With ``keep_first`` the original activation at position 0 is kept.
+    With ``keep_first`` the original activation at position 0 is kept; ``keep`` ([batch, seq]
+    bool) names the positions that keep it instead (e.g. each row's first real token in a
+    left-padded batch).
     """
     layers = decoder_layers(model)
     handles = []
@@ -47,7 +52,9 @@ def replace_outputs(
         def hook(_module: nn.Module, _args: tuple, output):
             x = _hidden(output)
             new = fn(x).to(x.dtype)
-            if keep_first and new.shape[1] > 0:
+            if keep is not None:
+                new = torch.where(keep.to(new.device)[..., None], x, new)
+            elif keep_first and new.shape[1] > 0:
                 new = torch.cat([x[:, :1], new[:, 1:]], dim=1)
             return _with_hidden(output, new)
 
@@ -80,7 +87,9 @@ class Splice:
 
     ``with Splice(model, saes, record=True) as s: model(ids)`` then ``s.records[layer]``.
     ``edit`` changes the latents before they are decoded (ablating or steering a latent); records
-    keep the latents as encoded.
+    keep the latents as encoded. With ``preserve_error`` the layer's output is its own activation
+    plus decode(edited) - decode(encoded): the edit's effect without the reconstruction error (the
+    activation itself when nothing is edited). ``keep``: see ``replace_outputs``.
     """
 
     def __init__(
@@ -90,6 +99,8 @@ class Splice:
         keep_first: bool = True,
         record: bool = False,
         edit: LatentEdit | None = None,
+        preserve_error: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> None:
         check_distinct_layers(list(saes))
         self.model = model
@@ -97,6 +108,8 @@ class Splice:
         self.keep_first = keep_first
         self.record = record
         self.edit = edit
+        self.preserve_error = preserve_error
+        self.keep = keep
         self.records: dict[int, SpliceRecord] = {}
         self._ctx: AbstractContextManager[None] | None = None
 
@@ -106,16 +119,19 @@ class Splice:
         def fn(x: torch.Tensor) -> torch.Tensor:
             sae_in = x.to(sae.dtype)
             latents = sae.encode(sae_in)
-            recon = sae.decode(latents if self.edit is None else self.edit(loaded.layer, latents))
+            edited = latents if self.edit is None else self.edit(loaded.layer, latents)
+            recon = sae.decode(edited)
             if self.record:
                 self.records[loaded.layer] = SpliceRecord(sae_in.detach(), latents.detach(), recon.detach())
+            if self.preserve_error:
+                return x if edited is latents else x + (recon - sae.decode(latents)).to(x.dtype)
             return recon
 
         return fn
 
     def __enter__(self) -> Splice:
         self._ctx = replace_outputs(
-            self.model, {s.layer: self._reconstruct(s) for s in self.saes}, self.keep_first
+            self.model, {s.layer: self._reconstruct(s) for s in self.saes}, self.keep_first, self.keep
         )
         self._ctx.__enter__()
         return self

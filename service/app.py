@@ -22,7 +22,7 @@ from .drift import DriftIndex
 from .engine import Engine
 from .errors import install_handlers
 from .limits import EdgeMiddleware
-from .routes import adapters, drift, features, health, latents, viewer
+from .routes import adapters, drift, features, generate, health, latents, viewer
 from .settings import Settings
 
 # metric labels: anything else collapses into "other" (a client must not create series at will)
@@ -94,6 +94,7 @@ def create_app(
     )
     app.state.service = service
     app.include_router(features.router)
+    app.include_router(generate.router)
     app.include_router(adapters.router)
     app.include_router(latents.router)
     app.include_router(drift.router)

@@ -14,6 +14,7 @@ from .dashboards import DashboardIndex
 from .drift import DriftIndex
 from .engine import Engine
 from .errors import ServiceError
+from .generation import Generations
 from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
@@ -27,6 +28,7 @@ class Loaded(NamedTuple):
     engine: Engine
     registry: Registry
     batcher: Batcher
+    generations: Generations
 
 
 class Service:
@@ -46,6 +48,7 @@ class Service:
         self.metrics = Metrics()
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
+        self.generations: Generations | None = None
         # the settings' dashboards, indexed against the engine (here, or in start())
         self.dashboards = dashboards or DashboardIndex()
         self.drift = drift or DriftIndex()  # the settings' drift reports, likewise
@@ -86,6 +89,13 @@ class Service:
                 metrics=self.metrics,
             )
             self.batcher.start()
+            self.generations = Generations(
+                self.engine,
+                max_active=s.max_generations,
+                max_waiting=s.max_generation_queue,
+                retry_after_s=s.retry_after_s,
+                metrics=self.metrics,
+            )
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("startup failed: %s", self.error)
@@ -103,11 +113,14 @@ class Service:
     def loaded(self) -> Loaded:
         """Engine, registry and batcher, for code that runs only once ``ready`` is set (routes
         behind ``ready_service``): ``start`` sets it after all three exist, and nothing unsets them."""
-        engine, registry, batcher = self.engine, self.registry, self.batcher
+        engine, registry, batcher, generations = self.engine, self.registry, self.batcher, self.generations
         assert engine is not None and registry is not None and batcher is not None, "service not ready"
-        return Loaded(engine, registry, batcher)
+        assert generations is not None, "service not ready"
+        return Loaded(engine, registry, batcher, generations)
 
     async def stop(self) -> None:
+        if self.generations is not None:
+            self.generations.close()
         if self.batcher is not None:
             await self.batcher.stop()
         if self.registry is not None:

@@ -186,6 +186,16 @@ class Engine:
         with self._tok_lock:  # the tokenizer is shared with tokenize()
             return self._pieces(token_id)
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text (special tokens kept, as generated)."""
+        with self._tok_lock:
+            return str(self.lm.tokenizer.decode(ids))
+
+    @staticmethod
+    def adapter_names(rows: Sequence[Any]) -> list[str]:
+        """peft's per-row ``adapter_names`` of rows with an ``adapter`` (None: the base model)."""
+        return [row.adapter or BASE_ADAPTER for row in rows]
+
     def select_layers(
         self, selectors: Sequence[str] | None, default: Sequence[int] | None = None
     ) -> tuple[int, ...]:

@@ -40,6 +40,8 @@ class Metrics:
         self.queue_depth = Gauge("lorasae_queue_depth", "sequences waiting for a batch", registry=r)
         self.rejected = Counter("lorasae_rejected", "requests refused because the queue was full", registry=r)
         self.adapters = Gauge("lorasae_adapters", "registered adapters", registry=r)
+        self.generations = Gauge("lorasae_generations_active", "generations holding a slot", registry=r)
+        self.generated_tokens = Counter("lorasae_generated_tokens", "tokens generated", registry=r)
 
     def observe_batch(self, rows: int, tokens: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

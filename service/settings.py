@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill")
     max_queue: int = Field(256, ge=1, description="queued sequences; past it requests get 429")
+    max_new_tokens: int = Field(256, ge=1, description="tokens one generation may ask for")
+    max_generations: int = Field(4, ge=1, description="generations running at once (each steps in turn)")
+    max_generation_queue: int = Field(16, ge=0, description="generations waiting for a slot; then 429")
     max_full_logits: int = Field(4_000_000, ge=0, description="tokens x vocab per request for logits=full")
     max_response_entries: int = Field(
         2_000_000,

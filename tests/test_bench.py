@@ -1,6 +1,6 @@
-"""Smoke test of bench/train.py (``make bench``'s training benchmark) on the tiny world: it runs,
-and its JSON holds the three timed steps and positive, finite throughputs and ratios. CI does not
-gate on absolute times."""
+"""Smoke tests of bench/train.py and bench/generate.py (``make bench``'s training and generation
+benchmarks) on the tiny world: each runs, and its JSON holds the timed paths and positive, finite
+throughputs and ratios. CI does not gate on absolute times."""
 
 from __future__ import annotations
 
@@ -35,3 +35,32 @@ def test_train_bench_quick(tiny_world, tmp_path):
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
     ratio = result["lora_sae_tokens_per_s"] / result["full_fwd_bwd_tokens_per_s"]
     assert result["lora_sae_vs_full_fwd_bwd"] == round(ratio, 3)
+
+
+def test_generate_bench_quick(tiny_world, tmp_path):
+    out = tmp_path / "bench-output" / "generate.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "generate.py"), "--quick", "--model", str(tiny_world.model),
+         "--sae", str(tiny_world.sae1), "--threads", "1", "--rounds", "2", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == result  # the table, then the same JSON
+    assert "served POST /v1/generate (spliced, 1 intervention)" in proc.stdout
+    assert result["model"] == str(tiny_world.model) and result["saes"] == ["sae1"]
+    assert result["new_tokens"] == 8 and result["prompts"] == 8
+    assert result["intervention"] == {"sae": "sae1", "latent": 0, "op": "add", "value": 2.0}
+    assert set(result["batches"]) == {"1", "8"}
+    for entry in result["batches"].values():
+        assert entry["baseline"]["tokens"] == [8 * 8] * 2  # eos suppressed: exactly 8 new tokens each
+        assert sum(entry["finish_reasons"].values()) == 8 * 2
+        for path in ("baseline", "served", "loop_spliced", "loop_plain"):
+            tps = entry[path]["tokens_per_s"]
+            assert isinstance(tps, float) and math.isfinite(tps) and tps > 0, path
+            assert all(0 < n <= 64 for n in entry[path]["tokens"]), path
+        ratio = entry["served_vs_baseline"]
+        assert math.isfinite(ratio) and ratio > 0
+        assert ratio == round(entry["served"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"], 3)
+        assert result["goal"] == 0.8 and entry["pass"] == (ratio >= 0.8)
+        assert len(entry["served"]["vs_baseline_rounds"]) == 2
+        assert 0 < entry["served"]["server_seconds_median"] <= entry["served"]["seconds_median"]

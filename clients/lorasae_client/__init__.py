@@ -4,7 +4,7 @@
 ``lorasae_client.schemas`` (the server validates with the same models).
 """
 
-from .client import AsyncLoraSaeClient, LoraSaeClient
+from .client import AsyncGenerationStream, AsyncLoraSaeClient, GenerationStream, LoraSaeClient
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -34,8 +34,14 @@ from .schemas import (
     FeatureEntry,
     FeaturesRequest,
     FeaturesResponse,
+    GeneratedToken,
+    GenerateRequest,
+    GenerateResponse,
+    Generation,
+    GenerationUsage,
     HealthResponse,
     Histogram,
+    Intervention,
     LatentContext,
     LatentRecord,
     LatentSearchResponse,
@@ -45,6 +51,7 @@ from .schemas import (
     SaeInfo,
     TokenActivation,
     TokenEffects,
+    TokenEvent,
     TokenResult,
     TokenValue,
 )
@@ -93,4 +100,13 @@ __all__ = [
     "DriftSummary",
     "DriftLatent",
     "DriftToken",
+    "Intervention",
+    "GenerateRequest",
+    "GenerateResponse",
+    "Generation",
+    "GeneratedToken",
+    "GenerationUsage",
+    "TokenEvent",
+    "GenerationStream",
+    "AsyncGenerationStream",
 ]

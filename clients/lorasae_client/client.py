@@ -1,6 +1,6 @@
 """``LoraSaeClient`` (sync) and ``AsyncLoraSaeClient``: one request-building core, two transports.
 
-    from lorasae_client import LoraSaeClient
+    from lorasae_client import LoraSaeClient, TokenEvent
     with LoraSaeClient("http://127.0.0.1:8000") as client:
         df = client.features("The cat sat on the mat", adapter="a1", top_k=8).to_pandas()
 
@@ -13,6 +13,14 @@
         # latent drift: what adapter "a1" changed about its SAEs' latents, most drifted first
         drifted = client.drift("a1", side="output").to_pandas()  # against="a2": vs another adapter
 
+        # generation with the SAEs spliced and a latent steered; compare=True: also the unsteered
+        # continuation, and per step the KL of the steered model's next-token distribution from it
+        steer = {"sae": "blocks.2", "latent": 123, "op": "set", "value": 8.0}
+        answer = client.generate("The cat", interventions=[steer], compare=True, max_new_tokens=20)
+        with client.stream("The cat", interventions=[steer]) as events:  # Server-Sent Events
+            for event in events:  # TokenEvent per generated token, then the GenerateResponse
+                print(event.text if isinstance(event, TokenEvent) else "", end="")
+
 429 and 503 answers and transport failures are retried with exponential backoff, honouring the
 server's Retry-After (clamped to ``max_backoff``); see ``_Core._should_retry`` for which requests may be
 resent after which failure. Other errors raise the typed exceptions of ``lorasae_client.errors`` with
@@ -24,14 +32,16 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import io
+import json
 import math
+import numbers
 import operator
 import os
 import random
 import tarfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,16 +51,21 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from .errors import APIConnectionError, APITimeoutError, LoraSaeWarning, error_for_status
+from .errors import APIConnectionError, APIStatusError, APITimeoutError, LoraSaeWarning, error_for_status
 from .schemas import (
     AdapterInfo,
     AdapterList,
     DriftReport,
     DriftSide,
     FeaturesResponse,
+    GenerateResponse,
+    GenerationMode,
     HealthResponse,
+    Intervention,
     LatentRecord,
     LatentSearchResponse,
+    ResponseWarning,
+    TokenEvent,
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -60,7 +75,21 @@ NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 M = TypeVar("M", bound=BaseModel)
 LatentSort = Literal["max_activation", "density"]
 SortOrder = Literal["desc", "asc"]
+STREAM = "text/event-stream"
 Params = dict[str, str | int | float]
+Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
+InterventionLike = Intervention | Mapping[str, Any]
+GenerateEvent = TokenEvent | GenerateResponse  # what a generation stream yields
+# the status an ``error`` event of a generation stream stands for (the stream itself was a 200): the
+# codes a generation can fail with once it streams (generation_queue_full: two streams admitted at
+# once raced for the last place); any other code is taken as a server error (500)
+STREAM_ERROR_STATUS = {
+    "unknown_adapter": 404,
+    "unknown_sae": 404,
+    "generation_queue_full": 429,
+    "shutting_down": 503,
+    "not_ready": 503,
+}
 
 
 def _segment(value: str) -> str:
@@ -88,6 +117,71 @@ def _index(value: int) -> int:
     if isinstance(value, bool):
         raise TypeError(f"a latent index must be an integer, not {value!r}")
     return operator.index(value)
+
+
+def _token_id(value: Any) -> int:
+    """A token id as a plain int (numpy integers welcome; floats, bools and strings refused)."""
+    if isinstance(value, bool):
+        raise TypeError(f"a token id must be an integer, not {value!r}")
+    return operator.index(value)
+
+
+def _prompt(prompt: Prompt) -> str | list[Any]:
+    """A prompt as JSON: a text, token ids, texts, or token-id lists (tuples and numpy arrays welcome)."""
+    if isinstance(prompt, str):
+        return prompt
+    out: list[Any] = []
+    for item in prompt:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, (int, numbers.Integral)):  # numpy integers are Integral
+            out.append(_token_id(item))
+        else:
+            out.append([_token_id(x) for x in item])
+    return out
+
+
+def _intervention(value: InterventionLike) -> dict[str, Any]:
+    """An ``Intervention`` or a plain mapping as JSON (the server validates: a bad one is a 422);
+    numpy numbers in a mapping become plain ones."""
+    if isinstance(value, Intervention):
+        return value.model_dump(mode="json")
+    if not isinstance(value, Mapping):
+        raise TypeError(f"an intervention is an Intervention or a mapping, not {type(value).__name__}")
+    out = dict(value)
+    latent, number = out.get("latent"), out.get("value")
+    if isinstance(latent, numbers.Integral) and not isinstance(latent, bool):
+        out["latent"] = int(latent)
+    if isinstance(number, numbers.Real) and not isinstance(number, (bool, int)):
+        out["value"] = float(number)
+    return out
+
+
+class _SseParser:
+    """Server-Sent Events, line by line (the WHATWG rules): ``field: value`` lines, one space after
+    the colon dropped; ``data`` lines joined with newlines; ``:`` lines are comments; a blank line
+    ends an event (one without data is dropped). ``feed`` returns (event type, data) at the end of
+    each event; a last event the stream does not end with a blank line is incomplete: dropped."""
+
+    def __init__(self) -> None:
+        self.kind = ""
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if not line:
+            kind, data = self.kind or "message", self.data
+            self.kind, self.data = "", []
+            return (kind, "\n".join(data)) if data else None
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self.kind = value
+        elif name == "data":
+            self.data.append(value)
+        return None  # id, retry and unknown fields mean nothing here
 
 
 def _params(**values: str | int | float | bool | None) -> Params:
@@ -132,8 +226,8 @@ class _Core:
         self.backoff = backoff
         self.max_backoff = max_backoff
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "lorasae-client"}
+    def _headers(self, accept: str = "application/json") -> dict[str, str]:
+        headers = {"Accept": accept, "User-Agent": "lorasae-client"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
@@ -199,6 +293,49 @@ class _Core:
     ) -> _Request:
         params = _params(against=against, sae=sae, side=side, limit=limit, offset=offset)
         return _Request("GET", f"{_adapter_path(adapter)}/drift", params=params)
+
+    @staticmethod
+    def _generate(
+        prompt: Prompt,
+        *,
+        adapter: str | None,
+        saes: Sequence[str] | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        interventions: Sequence[InterventionLike] | None,
+        mode: GenerationMode,
+        compare: bool,
+        return_features: int | None,
+        stream: bool,
+    ) -> _Request:
+        body: dict[str, Any] = {
+            "prompt": _prompt(prompt),
+            "adapter": adapter,
+            "saes": list(saes) if saes is not None else None,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "stop": [stop] if isinstance(stop, str) else list(stop or ()),
+            "interventions": [_intervention(x) for x in interventions or ()],
+            "mode": mode,
+            "compare": compare,
+            "return_features": return_features,
+            "stream": stream,
+        }
+        # not resent after a failure that may have reached the server (a read timeout, a dropped
+        # connection): the server does not stop a generation whose client went away before the
+        # stream started or without one, so a resend would run it again beside the first
+        return _Request(
+            "POST",
+            "/v1/generate",
+            json=body,
+            idempotent=False,
+            check="GET /metrics (lorasae_generations_active)",
+        )
 
     @staticmethod
     def _register(name: str, path: str | None, upload: str | os.PathLike[str] | bytes | None) -> _Request:
@@ -312,6 +449,104 @@ class _Core:
             warnings.warn(f"{warning.code}: {warning.message}", LoraSaeWarning, stacklevel=3)
         return parsed
 
+    @staticmethod
+    def _generate_response(content: str | bytes) -> GenerateResponse:
+        """The parsed answer of a generation; its warnings are raised as ``LoraSaeWarning``s too."""
+        parsed = GenerateResponse.model_validate_json(content)
+        _warn(parsed.warnings)
+        return parsed
+
+    def _stream_event(self, kind: str, data: str, response: httpx.Response) -> GenerateEvent | None:
+        """One event of a generation stream: a ``TokenEvent``, the final ``GenerateResponse``, or
+        the typed error of an ``error`` event raised; None for an event type this client does not
+        know (a newer server's), which is skipped."""
+        if kind == "token":
+            return TokenEvent.model_validate_json(data)
+        if kind == "done":
+            return self._generate_response(data)
+        if kind == "error":
+            raise _stream_error(data, response)
+        return None
+
+    def _ended_early(self, req: _Request) -> APIConnectionError:
+        return APIConnectionError(f"{req.method} {req.path}: the stream ended before its done event")
+
+
+def _warn(found: list[ResponseWarning]) -> None:
+    for warning in found:
+        warnings.warn(f"{warning.code}: {warning.message}", LoraSaeWarning, stacklevel=4)
+
+
+def _stream_error(data: str, response: httpx.Response) -> APIStatusError:
+    """The typed error of an ``error`` event (``{"error": {"code", "message"}}``): the class of the
+    status it stands for (its ``status`` when the event has one, else ``STREAM_ERROR_STATUS``)."""
+    code, message, status = "", data, 500
+    try:
+        err = json.loads(data).get("error", {})
+        code, message = str(err.get("code", "")), str(err.get("message", data))
+        given = err.get("status")
+        status = given if isinstance(given, int) else STREAM_ERROR_STATUS.get(code, 500)
+    except (ValueError, AttributeError):
+        pass
+    return error_for_status(status)(message, status_code=status, code=code, response=response)
+
+
+class GenerationStream:
+    """The events of a streamed generation (``LoraSaeClient.stream``): a ``TokenEvent`` per
+    generated token, in order, then the whole answer (``GenerateResponse``) as the last item. The
+    request is sent when the first event is asked for; an error before the stream starts, or an
+    ``error`` event in it, raises the client's typed exception.
+
+    Leaving early closes the HTTP response, so the server sees the client go and frees the
+    generation's slot at its next step: leave a ``with`` block, call ``close()``, or break out of a
+    ``for`` loop over ``client.stream(...)`` itself (CPython closes the stream as soon as nothing
+    refers to it; hold it in a variable and it stays open until ``close()``)."""
+
+    def __init__(self, events: Generator[GenerateEvent, None, None]) -> None:
+        self._events = events
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> GenerateEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """End the stream now (nothing happens if it has not started or has ended)."""
+        self._events.close()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGenerationStream:
+    """The asyncio twin of ``GenerationStream`` (``AsyncLoraSaeClient.stream``): ``async for`` over
+    it. Leaving early must close it: use ``async with client.stream(...) as events:`` (or ``await
+    events.aclose()``); an async generator left by ``break`` is only closed when the event loop
+    collects it, and until then the server keeps generating."""
+
+    def __init__(self, events: AsyncGenerator[GenerateEvent, None]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerateEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """End the stream now (nothing happens if it has not started or has ended)."""
+        await self._events.aclose()
+
+    async def __aenter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
 
 def _retry_after_seconds(value: str | None) -> float | None:
     """A Retry-After header as seconds from now: delay-seconds or an HTTP-date (RFC 9110); None
@@ -390,6 +625,52 @@ class LoraSaeClient(_Core):
             time.sleep(self._retry_delay(attempt, outcome))
             attempt += 1
 
+    def _open(self, req: _Request) -> httpx.Response:
+        """``req`` sent for a streamed answer, retried as in ``_send``: the open response once the
+        server answers with an expected status (the caller closes it), else the typed error."""
+        attempt = 0
+        while True:
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                request = self._http.build_request(
+                    req.method, req.path, json=req.json, params=req.params, headers=self._headers(STREAM)
+                )
+                outcome = self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                outcome = exc
+            if not isinstance(outcome, httpx.TransportError):
+                if outcome.status_code in req.expect:
+                    return outcome
+                response = outcome
+                try:
+                    response.read()  # the error's JSON body, for its code and message
+                except httpx.TransportError as exc:
+                    outcome = exc
+                finally:
+                    response.close()
+            if not self._should_retry(req, attempt, outcome):
+                return self._result(req, outcome)  # raises: the status was not expected
+            time.sleep(self._retry_delay(attempt, outcome))
+            attempt += 1
+
+    def _events(self, req: _Request) -> Generator[GenerateEvent, None, None]:
+        """The events of a streamed generation; the response is closed however this ends."""
+        response = self._open(req)
+        try:
+            parser = _SseParser()
+            for line in response.iter_lines():
+                found = parser.feed(line)
+                event = None if found is None else self._stream_event(*found, response)
+                if event is not None:
+                    yield event
+                    if isinstance(event, GenerateResponse):
+                        return
+        except httpx.TransportError as exc:  # mid-stream: never resent (events were delivered)
+            raise self._transport_error(req, exc) from exc
+        finally:
+            response.close()
+        raise self._ended_early(req)
+
     def features(
         self,
         inputs: str | Sequence[str] | Sequence[Sequence[int]],
@@ -453,6 +734,92 @@ class LoraSaeClient(_Core):
         Raises NotFoundError (``code``: unknown_adapter, unknown_sae or no_drift)."""
         req = self._drift(adapter, against, sae, side, limit, offset)
         return self._parse(self._send(req), DriftReport)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        saes: Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        interventions: Sequence[InterventionLike] | None = None,
+        mode: GenerationMode = "spliced",
+        compare: bool = False,
+        return_features: int | None = None,
+    ) -> GenerateResponse:
+        """Continue ``prompt`` (a text, token ids, or a list of either) with the SAEs spliced
+        (``saes`` as in ``features``; None: all loaded, or the adapter's own) and ``interventions``
+        applied: ``Intervention``s or mappings ``{"sae", "latent", "op": "set" | "add" | "scale",
+        "value", "positions": "all" | "prompt" | "generated"}``. Greedy at ``temperature`` 0, else
+        sampled from the ``top_p`` nucleus, reproducible with ``seed``; stops after
+        ``max_new_tokens``, at end of sequence, or at a ``stop`` string. ``mode="error-preserving"``
+        adds only the edit to the model's own activation. ``compare``: also the control (unsteered,
+        or the base model next to ``adapter``) and the treatment's per-step KL from it.
+        ``return_features``: the top latents of each generated token. ``.to_pandas()``: one row per
+        generated token. The whole answer comes at the end: the client's ``timeout`` must cover the
+        generation (``stream`` shows tokens as they come). Raises NotFoundError (unknown_adapter,
+        unknown_sae, unknown_latent), UnprocessableEntityError (sae_not_spliced, nothing_to_compare,
+        validation_error), PayloadTooLargeError, RateLimitError (every slot and the queue taken,
+        after the retries)."""
+        req = self._generate(
+            prompt,
+            adapter=adapter,
+            saes=saes,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            interventions=interventions,
+            mode=mode,
+            compare=compare,
+            return_features=return_features,
+            stream=False,
+        )
+        return self._generate_response(self._send(req).content)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        saes: Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        interventions: Sequence[InterventionLike] | None = None,
+        mode: GenerationMode = "spliced",
+        compare: bool = False,
+        return_features: int | None = None,
+    ) -> GenerationStream:
+        """``generate`` streamed (Server-Sent Events): a ``TokenEvent`` per generated token as the
+        server produces it (``generation`` indexes the final answer's ``generations``; ``kl`` on the
+        treatment with ``compare``), then the ``GenerateResponse`` as the last item. The request is
+        sent on the first ``next()`` (a refusal before the stream starts is retried as usual; nothing
+        is resent once events arrived). Leave early with ``with client.stream(...) as events:`` or
+        ``events.close()``: the response is closed and the server frees the generation's slot."""
+        req = self._generate(
+            prompt,
+            adapter=adapter,
+            saes=saes,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            interventions=interventions,
+            mode=mode,
+            compare=compare,
+            return_features=return_features,
+            stream=True,
+        )
+        return GenerationStream(self._events(req))
 
     def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
@@ -540,6 +907,50 @@ class AsyncLoraSaeClient(_Core):
             await asyncio.sleep(self._retry_delay(attempt, outcome))
             attempt += 1
 
+    async def _open(self, req: _Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                request = self._http.build_request(
+                    req.method, req.path, json=req.json, params=req.params, headers=self._headers(STREAM)
+                )
+                outcome = await self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                outcome = exc
+            if not isinstance(outcome, httpx.TransportError):
+                if outcome.status_code in req.expect:
+                    return outcome
+                response = outcome
+                try:
+                    await response.aread()
+                except httpx.TransportError as exc:
+                    outcome = exc
+                finally:
+                    await response.aclose()
+            if not self._should_retry(req, attempt, outcome):
+                return self._result(req, outcome)
+            await asyncio.sleep(self._retry_delay(attempt, outcome))
+            attempt += 1
+
+    async def _events(self, req: _Request) -> AsyncGenerator[GenerateEvent, None]:
+        response = await self._open(req)
+        try:
+            parser = _SseParser()
+            lines: AsyncIterator[str] = response.aiter_lines()
+            async for line in lines:
+                found = parser.feed(line)
+                event = None if found is None else self._stream_event(*found, response)
+                if event is not None:
+                    yield event
+                    if isinstance(event, GenerateResponse):
+                        return
+        except httpx.TransportError as exc:
+            raise self._transport_error(req, exc) from exc
+        finally:
+            await response.aclose()
+        raise self._ended_early(req)
+
     async def features(
         self,
         inputs: str | Sequence[str] | Sequence[Sequence[int]],
@@ -587,6 +998,74 @@ class AsyncLoraSaeClient(_Core):
     ) -> DriftReport:
         req = self._drift(adapter, against, sae, side, limit, offset)
         return self._parse(await self._send(req), DriftReport)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        saes: Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        interventions: Sequence[InterventionLike] | None = None,
+        mode: GenerationMode = "spliced",
+        compare: bool = False,
+        return_features: int | None = None,
+    ) -> GenerateResponse:
+        req = self._generate(
+            prompt,
+            adapter=adapter,
+            saes=saes,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            interventions=interventions,
+            mode=mode,
+            compare=compare,
+            return_features=return_features,
+            stream=False,
+        )
+        return self._generate_response((await self._send(req)).content)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        adapter: str | None = None,
+        saes: Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        interventions: Sequence[InterventionLike] | None = None,
+        mode: GenerationMode = "spliced",
+        compare: bool = False,
+        return_features: int | None = None,
+    ) -> AsyncGenerationStream:
+        """``LoraSaeClient.stream`` for ``async for``; leave early inside ``async with
+        client.stream(...) as events:`` (or ``await events.aclose()``) so the response is closed."""
+        req = self._generate(
+            prompt,
+            adapter=adapter,
+            saes=saes,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            interventions=interventions,
+            mode=mode,
+            compare=compare,
+            return_features=return_features,
+            stream=True,
+        )
+        return AsyncGenerationStream(self._events(req))
 
     async def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None

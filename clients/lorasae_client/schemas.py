@@ -207,6 +207,178 @@ class FeaturesResponse(_Model):
         return pd.DataFrame(rows, columns=columns).astype({**dtypes, "activation": "float64"})
 
 
+# ------------------------------------------------------------------ generation and steering
+
+InterventionOp = Literal["set", "add", "scale"]
+InterventionPositions = Literal["all", "prompt", "generated"]
+GenerationMode = Literal["spliced", "error-preserving"]
+Variant = Literal["base", "adapter", "unsteered", "steered"]
+FinishReason = Literal["length", "stop", "eos"]
+MAX_INTERVENTION_VALUE = 1e4
+
+
+class Intervention(BaseModel):
+    """Edit one latent of a spliced SAE before it is decoded, at every forward of the generation
+    (the prompt's and every cached decode step's). ``set``: the latent becomes ``value``; ``add``:
+    ``value`` is added; ``scale``: the latent is multiplied by ``value``. ``positions``: the prompt's
+    tokens, the generated tokens (as they are fed back in), or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae: StrictStr = Field(..., max_length=512, description="SAE id / folder name / layer, as in saes")
+    latent: StrictInt = Field(..., ge=0, le=1 << 30)
+    op: InterventionOp
+    value: float = Field(..., ge=-MAX_INTERVENTION_VALUE, le=MAX_INTERVENTION_VALUE, allow_inf_nan=False)
+    positions: InterventionPositions = "all"
+
+
+class GenerateRequest(BaseModel):
+    """``POST /v1/generate``: continue ``prompt`` (a text, token ids, or a list of either) with the
+    SAEs spliced (``saes`` as in /v1/features) and the ``interventions`` applied.
+
+    ``temperature`` 0 is greedy; otherwise softmax sampling at that temperature from the smallest set
+    of tokens whose probability reaches ``top_p``, reproducible with ``seed``. Generation stops at
+    ``max_new_tokens``, at the model's end-of-sequence token, or when the generated text contains a
+    ``stop`` string (cut before it). ``mode``: ``spliced`` decodes the edited latents (what an
+    adapted model is trained for); ``error-preserving`` adds decode(edited) - decode(original) to
+    the model's own activation (steering without the reconstruction error). ``compare``: also the
+    control (unsteered when there are interventions, else the base model next to ``adapter``) with
+    the same seed, and per step the KL divergence from the treatment's next-token distribution to
+    the control model's on the treatment's own text. ``return_features``: the top latents of each
+    generated token (after the interventions: what was decoded). ``stream``: Server-Sent Events,
+    one ``token`` event per generated token and a final ``done`` event with the whole answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] = Field(
+        ..., description="text, token ids, or a list of texts / token-id lists"
+    )
+    adapter: StrictStr | None = Field(None, description="registered adapter name; null = base model")
+    saes: list[StrictStr] | None = Field(None, description="SAEs spliced while generating")
+    max_new_tokens: StrictInt = Field(32, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=0, lt=1 << 63)
+    stop: list[StrictStr] = Field(default_factory=list, max_length=8)
+    stream: bool = False
+    interventions: list[Intervention] = Field(default_factory=list, max_length=32)
+    mode: GenerationMode = "spliced"
+    compare: bool = False
+    return_features: StrictInt | None = Field(None, ge=1, le=64)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(
+        cls, value: str | list[int] | list[str] | list[list[int]]
+    ) -> str | list[int] | list[str] | list[list[int]]:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("empty text")
+            return value
+        if not value:
+            raise ValueError("empty prompt")
+        for i, item in enumerate(value):
+            if isinstance(item, str) and not item.strip():
+                raise ValueError(f"prompt {i} is empty text")
+            if isinstance(item, list) and not item:
+                raise ValueError(f"prompt {i} is an empty list of token ids")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: list[str]) -> list[str]:
+        for s in value:
+            if not s or len(s) > 64:
+                raise ValueError("each stop string has 1 to 64 characters")
+        return value
+
+    @field_validator("saes")
+    @classmethod
+    def _saes_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("empty list of SAEs (use null for the default)")
+        return value
+
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        """``prompt`` as a list of prompts (one text or one token-id list becomes a one-item list)."""
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(x, int) for x in value):
+            return [[x for x in value if isinstance(x, int)]]
+        if all(isinstance(x, str) for x in value):
+            return [x for x in value if isinstance(x, str)]
+        return [x for x in value if isinstance(x, list)]
+
+
+class GeneratedToken(_Model):
+    id: int
+    text: str
+    features: dict[str, list[FeatureEntry]] | None = Field(
+        None, description="SAE id -> top latents at this token, after the interventions (return_features)"
+    )
+
+
+class Generation(_Model):
+    """One continuation: of prompt ``prompt`` (index), as ``variant``."""
+
+    prompt: int
+    variant: Variant
+    adapter: str | None = None
+    steered: bool
+    prompt_tokens: int
+    text: str
+    tokens: list[GeneratedToken]
+    finish_reason: FinishReason
+    kl: list[float] | None = Field(
+        None,
+        description="compare, on the treatment: per step, KL(treatment || control) of the next-token "
+        "distributions on the treatment's own prefix (nats)",
+    )
+
+
+class GenerationUsage(_Model):
+    prompt_tokens: int
+    generated_tokens: int
+    steps: int
+    seconds: float
+    tokens_per_second: float
+
+
+class GenerateResponse(_Model):
+    model: str
+    mode: GenerationMode
+    saes: list[SaeInfo]
+    generations: list[Generation]
+    usage: GenerationUsage
+    warnings: list[ResponseWarning] = Field(default_factory=list)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per generated token (needs pandas). Columns: prompt, variant, step, token_id,
+        token, kl (the treatment's, else NaN)."""
+        pd = _pandas()
+        rows = [
+            (g.prompt, g.variant, s, t.id, t.text, g.kl[s] if g.kl and s < len(g.kl) else float("nan"))
+            for g in self.generations
+            for s, t in enumerate(g.tokens)
+        ]
+        return pd.DataFrame(rows, columns=["prompt", "variant", "step", "token_id", "token", "kl"])
+
+
+class TokenEvent(_Model):
+    """A streamed ``token`` event: generation ``generation`` (index into the final answer's
+    ``generations``) produced token ``index``; ``kl`` on the treatment in compare mode."""
+
+    generation: int
+    prompt: int
+    variant: Variant
+    index: int
+    id: int
+    text: str
+    features: dict[str, list[FeatureEntry]] | None = None
+    kl: float | None = None
+
+
 # ------------------------------------------------------------------ latent dashboards
 
 

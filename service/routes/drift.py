@@ -43,7 +43,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for c
 def _fingerprint(svc: Service, name: str) -> str:
     """The weight fingerprint of registered adapter ``name``: 404 ``unknown_adapter``, 409 for an
     adapter that failed to load."""
-    engine, registry, _ = svc.loaded()
+    engine, registry, *_ = svc.loaded()
     registry.require_ready(name)
     slot = engine.adapters.get(name)
     if slot is None:  # being deleted right now

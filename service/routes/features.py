@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -32,7 +32,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Per-token SAE features, losses and logits",
 )
 async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) -> Response:
-    engine, registry, batcher = svc.loaded()
+    engine, registry, batcher, _ = svc.loaded()
     settings = svc.settings
     default_layers, generation = None, 0
     warnings = []
@@ -140,20 +140,26 @@ def requested_latents(
 
 
 async def input_sequences(req: FeaturesRequest, engine: Engine, settings: Settings) -> list[list[int]]:
-    """The request's inputs as token sequences, each checked against the limits and the
-    vocabulary: 413 past ``max_inputs`` / ``max_tokens``, 422 for text that is not valid Unicode
+    """The request's inputs as token sequences (``token_sequences``)."""
+    return await token_sequences(req.input_list(), engine, settings)
+
+
+async def token_sequences(
+    inputs: list[str] | list[list[int]], engine: Engine, settings: Settings
+) -> list[list[int]]:
+    """Inputs (all texts or all id lists) as token sequences, each checked against the limits and
+    the vocabulary: 413 past ``max_inputs`` / ``max_tokens``, 422 for text that is not valid Unicode
     or an id outside the vocabulary. Texts are tokenised off the event loop."""
-    inputs = req.input_list()
     if len(inputs) > settings.max_inputs:
         raise ServiceError(
             413, "too_many_inputs", f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}"
         )
     if isinstance(inputs[0], str):
-        texts = cast("list[str]", inputs)  # all texts or all id lists (the schema)
+        texts = [x for x in inputs if isinstance(x, str)]  # all texts or all id lists (the schema)
         check_texts(texts, settings)
         sequences = await run_in_threadpool(lambda: [engine.tokenize(text) for text in texts])
     else:
-        sequences = cast("list[list[int]]", inputs)
+        sequences = [x for x in inputs if isinstance(x, list)]
     check_token_ids(sequences, engine.vocab_size, settings)
     return sequences
 

@@ -25,7 +25,7 @@ async def readyz(svc: Service = Depends(get_service)):
         return JSONResponse(
             body.model_dump(), status_code=503, headers={"Retry-After": str(svc.settings.retry_after_s)}
         )
-    engine, registry, _ = svc.loaded()
+    engine, registry, *_ = svc.loaded()
     return HealthResponse(
         status="ready", model=engine.model_id, saes=engine.sae_info(), adapters=len(registry.list())
     )

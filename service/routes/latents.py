@@ -54,7 +54,7 @@ AdapterParam = Annotated[
 def _covered(svc: Service, sae: str, adapter: str | None) -> Covered:
     """The dashboard that covers the SAE ``sae`` names through ``adapter``: 404 ``unknown_sae`` /
     ``unknown_adapter`` / ``no_dashboard``, 409 for an adapter that failed to load."""
-    engine, registry, _ = svc.loaded()
+    engine, registry, *_ = svc.loaded()
     (layer,) = engine.select_layers([sae])
     fingerprint = None
     if adapter is not None:

@@ -17,6 +17,13 @@
  * side. The view is in the URL: #drift?adapter=NAME[&against=NAME][&sae=SAE][&side=..][&offset=N]
  * [&latent_sae=SAE&latent=I] opens it (on load and when the hash changes).
  *
+ * Steering: POST /v1/generate with stream: true and compare: true and one intervention on a latent
+ * (set / add / scale, at the prompt's positions, the generated ones or both): the Server-Sent Events
+ * body is read as it arrives (fetch + ReadableStream), the unsteered and steered continuations fill
+ * side by side token by token, with the per-step KL of the steered one; Stop aborts the fetch (the
+ * server frees the generation). A "steer" button next to a latent in a token's panel or on a latent's
+ * dashboard opens it prefilled; so does #steer?sae=SAE&latent=I[&adapter=NAME].
+ *
  * Every value shown is also in a data-* attribute (raw JSON number) for tests and copy/paste.
  */
 "use strict";
@@ -32,6 +39,8 @@ const state = {
   drift: null,     // {params, report}: the drift report shown
   driftLoads: 0,   // drift loads started (likewise)
   driftLatentLoads: 0,  // drift latent views started (likewise)
+  steerRuns: 0,    // generations started (a stale stream's events are dropped)
+  steer: null,     // {controller, seq}: the generation streaming now
 };
 
 const $ = (id) => document.getElementById(id);
@@ -128,8 +137,9 @@ async function waitReady() {
 // ------------------------------------------------------------------ pickers
 
 function fillSaes() {
-  $("sae").replaceChildren(...state.saes.map((s) =>
-    el("option", {value: s.id}, `${s.id} (layer ${s.layer}, ${s.d_sae} latents)`)));
+  const options = () => state.saes.map((s) => el("option", {value: s.id}, `${s.id} (layer ${s.layer}, ${s.d_sae} latents)`));
+  $("sae").replaceChildren(...options());
+  $("steer-sae").replaceChildren(...options());
 }
 
 function fillAdapters() {
@@ -148,6 +158,7 @@ async function loadAdapters() {
   state.adapters = (await api("v1/adapters")).adapters;
   fillAdapters();
   fillDriftPickers();
+  fillSteerAdapters();
 }
 
 /** Viewing an SAE the adapter was not trained with would change its splice: default to one of its own. */
@@ -319,7 +330,8 @@ function renderPanel(position) {
                                                 title: "click: colour the tokens by this latent and open its dashboard"},
     el("td", {class: "num"}, String(f.index)),
     el("td", {class: "num"}, fmt(f.activation)),
-    el("td", {class: "barcell"}, el("span", {class: "bar", style: `width:${percent(f.activation, top)}%`}))));
+    el("td", {class: "barcell"}, el("span", {class: "bar", style: `width:${percent(f.activation, top)}%`})),
+    el("td", {class: "steercell"}, steerButton(sae, f.index, state.run.adapter))));
   const logitRows = logits.map((l) => el("tr", {"data-id": l.id, "data-logprob": raw(l.logprob)},
     el("td", {class: "tokcell"}, el("span", {class: "piece"}, l.text)),
     el("td", {class: "num"}, fmt(l.logprob)),
@@ -337,7 +349,7 @@ function renderPanel(position) {
        el("dt", {}, `recon error (${sae})`), el("dd", {id: "panel-recon", "data-value": raw(err)}, fmt(err))),
     el("h4", {}, `Top latents of ${sae}`),
     feats.length ? el("table", {id: "panel-latents"},
-                      headRow("latent", "activation", ""),
+                      headRow("latent", "activation", "", ""),
                       el("tbody", {}, ...latentRows))
                  : el("p", {class: "hint", id: "panel-latents"}, "no active latent"),
     el("h4", {}, "Next-token logits"),
@@ -355,6 +367,7 @@ function onTokenEvent(event) {
 }
 
 function onPanelClick(event) {
+  if (onSteerClick(event)) return;
   const row = event.target.closest("tr[data-index]");
   if (!row || !state.run) return;
   $("latent").value = row.dataset.index;
@@ -476,7 +489,8 @@ async function openLatent(sae, index, {scroll = false} = {}) {
   if (serious) showError(serious.error);
   view.replaceChildren(
     el("h3", {id: "latent-title"}, `Latent ${index} of ${sae}`,
-       el("small", {}, adapter ? ` base model vs adapter ${adapter}` : " base model")),
+       el("small", {}, adapter ? ` base model vs adapter ${adapter}` : " base model"), " ",
+       steerButton(sae, index, adapter, "latent-steer")),
     el("div", {class: `latent-sides n${sides.length}`}, ...columns));
   view.dataset.state = failed.length === answers.length ? "error" : "done";
   view.dataset.seq = String(seq);
@@ -922,6 +936,11 @@ function driftNumbers(x) {
 
 /** Open the drift view the URL hash names, if it names one. */
 async function route() {
+  if (location.hash.startsWith("#steer?")) {
+    const q = new URLSearchParams(location.hash.slice("#steer?".length));
+    openSteering(q.get("sae") || "", Number(q.get("latent")) || 0, q.get("adapter") || null);
+    return;
+  }
   if (!location.hash.startsWith("#drift?")) return;
   const q = new URLSearchParams(location.hash.slice("#drift?".length));
   const params = {adapter: q.get("adapter") || "", against: q.get("against") || null, sae: q.get("sae") || null,
@@ -937,6 +956,245 @@ async function route() {
   const shown = await loadDrift(params, Number(q.get("offset")) || 0);
   $("drift").scrollIntoView({block: "start"});
   if (shown && latent !== null && q.get("latent_sae")) openDriftLatent(q.get("latent_sae"), Number(latent));
+}
+
+// ------------------------------------------------------------------ steering
+
+/** A "steer" button: opens the steering panel with this latent (and the adapter, when one is given). */
+function steerButton(sae, index, adapter, id = null) {
+  return el("button", {type: "button", class: "steer", id, "data-sae": sae, "data-index": index,
+                       "data-adapter": adapter || "", title: `generate with latent ${index} of ${sae} steered`},
+            "steer");
+}
+
+/** A click on a steer button (in the token panel or a latent view); true when it was one. */
+function onSteerClick(event) {
+  const button = event.target.closest("button.steer");
+  if (!button) return false;
+  event.stopPropagation();
+  openSteering(button.dataset.sae, Number(button.dataset.index), button.dataset.adapter || null);
+  return true;
+}
+
+function fillSteerAdapters() {
+  const current = $("steer-adapter").value;
+  const ready = state.adapters.filter((a) => a.status === "ready").map((a) => a.name);
+  $("steer-adapter").replaceChildren(el("option", {value: ""}, "none (base model)"),
+                                     ...ready.map((name) => el("option", {value: name}, name)));
+  if (ready.includes(current)) $("steer-adapter").value = current;
+}
+
+/** Fill the steering form with latent `index` of `sae` (and `adapter`), show it, and name it in the URL. */
+function openSteering(sae, index, adapter) {
+  const pick = (id, value) => {
+    if ([...$(id).options].some((o) => o.value === value)) $(id).value = value;
+  };
+  pick("steer-sae", sae);
+  pick("steer-adapter", adapter || "");
+  $("steer-latent").value = String(index);
+  const q = new URLSearchParams({sae, latent: String(index)});
+  if (adapter) q.set("adapter", adapter);
+  history.replaceState(null, "", `#steer?${q}`);
+  $("steering").scrollIntoView({block: "start"});
+  $("steer-value").focus();
+}
+
+/** An <input type=number> as a number, or null when empty (the server reports what is invalid). */
+function numberValue(id) {
+  const text = $(id).value.trim();
+  return text === "" || !Number.isFinite(Number(text)) ? null : Number(text);
+}
+
+/** The request the form describes: one intervention, both continuations (compare), streamed. */
+function steerBody() {
+  const adapter = $("steer-adapter").value || null;
+  const sae = $("steer-sae").value;
+  return {
+    prompt: $("steer-prompt").value, adapter, saes: spliceFor(adapter, sae),
+    max_new_tokens: intValue("steer-max"), temperature: numberValue("steer-temperature"),
+    seed: intValue("steer-seed"), stream: true, compare: true,
+    interventions: [{sae, latent: intValue("steer-latent"), op: $("steer-op").value,
+                     value: numberValue("steer-value"), positions: $("steer-positions").value}],
+  };
+}
+
+/** Server-Sent Events from a fetch body as it arrives: {event, data} per blank-line-terminated event
+ * (data lines joined with "\n", ":" comment lines and other fields skipped, "\r\n" / "\r" / "\n"
+ * line ends). An event the stream ends inside is incomplete: dropped. */
+async function* sseEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let kind = "";
+  let data = [];
+  const lineEnd = /\r\n|\n|\r(?=[^\n])/;  // a "\r" at the end of the buffer may be half of "\r\n"
+  try {
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) return;
+      buffer += value;
+      for (let m = lineEnd.exec(buffer); m !== null; m = lineEnd.exec(buffer)) {
+        const line = buffer.slice(0, m.index);
+        buffer = buffer.slice(m.index + m[0].length);
+        if (line === "") {
+          if (data.length) yield {event: kind || "message", data: data.join("\n")};
+          kind = "";
+          data = [];
+          continue;
+        }
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const name = colon < 0 ? line : line.slice(0, colon);
+        let field = colon < 0 ? "" : line.slice(colon + 1);
+        if (field.startsWith(" ")) field = field.slice(1);
+        if (name === "event") kind = field;
+        else if (name === "data") data.push(field);
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});  // left early (Stop, an error event): close the body
+  }
+}
+
+const steerCols = () => ({unsteered: $("steer-output").querySelector('[data-variant="unsteered"]'),
+                          steered: $("steer-output").querySelector('[data-variant="steered"]')});
+
+function clearSteerOutput() {
+  for (const col of Object.values(steerCols())) {
+    col.querySelector(".steer-text").replaceChildren();
+    const finish = col.querySelector(".finish");
+    finish.textContent = "";
+    delete finish.dataset.reason;
+  }
+  const steered = steerCols().steered;
+  steered.querySelector(".kl-strip").replaceChildren();
+  steered.querySelector(".kl-info").textContent = "";
+}
+
+/** One streamed token into its column; on the steered one, its KL (token colour + a bar). */
+function addSteerToken(event) {
+  const col = steerCols()[event.variant === "steered" ? "steered" : "unsteered"];
+  const span = el("span", {class: "gtok", "data-index": event.index, "data-id": event.id, "data-kl": raw(event.kl),
+                           title: `step ${event.index} \u00b7 id ${event.id}`
+                                  + (event.kl === null || event.kl === undefined ? "" : ` \u00b7 KL ${fmt(event.kl)}`)},
+                  event.text);
+  col.querySelector(".steer-text").append(span);
+  if (event.kl !== null && event.kl !== undefined) {
+    col.querySelector(".kl-strip").append(el("span", {class: "klbar", "data-index": event.index,
+                                                      "data-value": raw(event.kl),
+                                                      title: `step ${event.index}: KL ${fmt(event.kl)} nats`}));
+    scaleKl();
+  }
+}
+
+/** Bars and token colours relative to the largest KL so far. */
+function scaleKl() {
+  const steered = steerCols().steered;
+  const values = [...steered.querySelectorAll(".klbar")].map((b) => Number(b.dataset.value));
+  const top = Math.max(0, ...values);
+  for (const bar of steered.querySelectorAll(".klbar")) {
+    bar.style.height = `${top > 0 ? Math.max(2, (100 * Number(bar.dataset.value)) / top).toFixed(1) : 2}%`;
+  }
+  for (const tok of steered.querySelectorAll(".gtok[data-kl]")) {
+    if (tok.dataset.kl === "" || top <= 0) continue;
+    tok.style.backgroundColor = `rgba(37, 99, 235, ${(0.05 + 0.5 * Number(tok.dataset.kl) / top).toFixed(3)})`;
+  }
+  const info = steered.querySelector(".kl-info");
+  info.dataset.max = String(top);
+  info.textContent = `KL per step (nats), steered vs unsteered model on the steered text: max ${fmt(top)}`;
+}
+
+/** The final answer: finish reasons, and the mean KL over the steps. */
+function finishSteering(answer) {
+  const cols = steerCols();
+  for (const g of answer.generations) {
+    const col = cols[g.variant === "steered" ? "steered" : "unsteered"];
+    const finish = col.querySelector(".finish");
+    finish.dataset.reason = g.finish_reason;
+    finish.textContent = `\u00b7 ${g.tokens.length} tokens, finished: ${g.finish_reason}`;
+    if (g.kl && g.kl.length) {
+      const info = col.querySelector(".kl-info");
+      info.dataset.mean = String(mean(g.kl));
+      info.textContent = `KL per step (nats), steered vs unsteered model on the steered text: `
+        + `mean ${fmt(mean(g.kl))}, max ${fmt(Math.max(...g.kl))}`;
+    }
+  }
+  const u = answer.usage;
+  $("steer-info").textContent = `${u.generated_tokens} tokens in ${u.steps} steps, ${u.seconds.toFixed(2)} s `
+    + `(${u.tokens_per_second.toFixed(1)} tokens/s) \u00b7 spliced: ${answer.saes.map((s) => s.id).join(", ")}`;
+}
+
+/** Generate: stream the unsteered and steered continuations into the two columns. */
+async function generateSteered(event) {
+  event.preventDefault();
+  clearError();
+  if (state.steer) state.steer.controller.abort();
+  const seq = ++state.steerRuns;
+  const controller = new AbortController();
+  state.steer = {controller, seq};
+  const output = $("steer-output");
+  clearSteerOutput();
+  output.dataset.state = "streaming";
+  $("steer-info").textContent = "generating\u2026";
+  $("steer-run").disabled = true;
+  $("steer-stop").disabled = false;
+  let finished = false;
+  try {
+    let resp;
+    try {
+      resp = await fetch("v1/generate", {method: "POST", headers: {"Content-Type": "application/json"},
+                                         body: JSON.stringify(steerBody()), signal: controller.signal});
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(0, "network_error", `cannot reach the server (${err.message})`);
+    }
+    if (!resp.ok) {
+      const text = await resp.text();
+      let detail = null;
+      try {
+        detail = JSON.parse(text).error;
+      } catch (_) {
+        detail = null;
+      }
+      throw new ApiError(resp.status, detail ? detail.code : "http_error",
+                         detail ? detail.message : (text.slice(0, 300) || resp.statusText));
+    }
+    for await (const {event: kind, data} of sseEvents(resp.body)) {
+      if (seq !== state.steerRuns) return;
+      if (kind === "token") {
+        addSteerToken(JSON.parse(data));
+      } else if (kind === "done") {
+        finishSteering(JSON.parse(data));
+        finished = true;
+        break;
+      } else if (kind === "error") {
+        const detail = JSON.parse(data).error || {};
+        throw new ApiError(0, detail.code || "stream_error", detail.message || data);
+      }
+    }
+    if (!finished) throw new ApiError(0, "stream_ended", "the stream ended before the generation did");
+    output.dataset.state = "done";
+  } catch (err) {
+    if (seq !== state.steerRuns) return;
+    if (err.name === "AbortError") {
+      output.dataset.state = "stopped";
+      $("steer-info").textContent = "stopped: the request was aborted, and the server drops the generation";
+    } else {
+      output.dataset.state = "error";
+      $("steer-info").textContent = "";
+      showError(err);
+    }
+  } finally {
+    if (seq === state.steerRuns) {
+      state.steer = null;
+      $("steer-run").disabled = false;
+      $("steer-stop").disabled = true;
+      output.dataset.run = String(seq);
+    }
+  }
+}
+
+function stopSteering() {
+  if (state.steer) state.steer.controller.abort();
 }
 
 // ------------------------------------------------------------------ start
@@ -959,6 +1217,9 @@ async function init() {
   $("drift-prev").addEventListener("click", () => onDriftPage(-1));
   $("drift-next").addEventListener("click", () => onDriftPage(1));
   $("drift-results").addEventListener("click", onDriftClick);
+  $("steer-controls").addEventListener("submit", generateSteered);
+  $("steer-stop").addEventListener("click", stopSteering);
+  $("latent-view").addEventListener("click", onSteerClick);
   window.addEventListener("hashchange", route);
   try {
     const health = await waitReady();
@@ -970,6 +1231,7 @@ async function init() {
     $("run").disabled = false;
     $("search-run").disabled = false;
     $("drift-run").disabled = false;
+    $("steer-run").disabled = false;
     await route();
   } catch (err) {
     setStatus("error", "not ready");
