@@ -84,7 +84,7 @@ CLASSES = {
     "7": "body_limits", "8a": "unsafe_bind", "8b": "media_types", "8c": "host_header",
     "9": "slow_clients", "10": "metrics_cardinality", "11": "server_owned_folders",
     "12a": "no_paths_no_long_echoes", "12b": "one_server_per_root", "13": "latent_queries",
-    "14": "drift_queries",
+    "14": "drift_queries", "15": "generate_requests",
     "restart": "final_restart",
 }
 
@@ -1572,6 +1572,63 @@ def test_14_drift_queries(lab):
                 if isinstance(response, httpx.Response):
                     answers.append((cls, req.label, response.text))
         _check_answers(lab, cls, answers)
+    lab.check(cls)
+
+
+def test_15_generate_requests(lab):
+    """``POST /v1/generate``: hostile prompts, budgets, interventions and sampling settings are
+    refused with a 4xx before any forward, nothing stored changes, no answer echoes them whole; a
+    valid steered generation still answers."""
+    cls = "15"
+    iv = {"sae": "sae1", "latent": 1, "op": "add", "value": 1.0}
+
+    def post(label: str, body: dict, expect: int, code: str | tuple[str, ...] | None) -> Req:
+        return Req(label, "POST", "/v1/generate", expect, code, {"json": body}, within=20)
+
+    reqs = [
+        post("max_new_tokens 10^9", {"prompt": "a", "max_new_tokens": 10**9}, 422, "validation_error"),
+        post("max_new_tokens over the setting", {"prompt": "a", "max_new_tokens": 4000}, 413,
+             "too_many_new_tokens"),
+        post("1,000 prompts", {"prompt": ["a"] * 1000}, 413, "too_many_inputs"),
+        post("prompt of 60,000 chars", {"prompt": "a " * 30_000}, 413, "too_many_tokens"),
+        post("token id out of the vocabulary", {"prompt": [[0, 2**40]]}, 422, ("invalid_token_id",
+                                                                               "validation_error")),
+        Req("lone surrogate", "POST", "/v1/generate", 422, "validation_error",
+            {"content": b'{"prompt": "\\ud800 cat"}', "headers": {"content-type": "application/json"}}, within=20),
+        post("intervention on a path-like SAE", {"prompt": "a", "interventions": [{**iv, "sae": "../../etc"}]},
+             404, "unknown_sae"),
+        post("intervention latent 2^40", {"prompt": "a", "interventions": [{**iv, "latent": 2**40}]}, 422,
+             "validation_error"),
+        post("intervention value 1e300", {"prompt": "a", "interventions": [{**iv, "value": 1e300}]}, 422,
+             "validation_error"),
+        post("10,000 interventions", {"prompt": "a", "interventions": [iv] * 10_000}, (413, 422),
+             ("validation_error", "request_too_large")),
+        post("intervention with extra keys", {"prompt": "a", "interventions": [{**iv, "__class__": 1}]}, 422,
+             "validation_error"),
+        post("temperature 1e9", {"prompt": "a", "temperature": 1e9}, 422, "validation_error"),
+        post("top_p 0", {"prompt": "a", "top_p": 0}, 422, "validation_error"),
+        post("seed -1", {"prompt": "a", "seed": -1}, 422, "validation_error"),
+        post("stop of 10,000 chars", {"prompt": "a", "stop": ["s" * 10_000]}, 422, "validation_error"),
+        post("100 stop strings", {"prompt": "a", "stop": ["x"] * 100}, 422, "validation_error"),
+        post("return_features 10^6", {"prompt": "a", "return_features": 10**6}, 422, "validation_error"),
+        post("unknown mode", {"prompt": "a", "mode": "__import__"}, 422, "validation_error"),
+        post("compare with nothing to compare", {"prompt": "a", "compare": True}, 422, "nothing_to_compare"),
+        post("unknown adapter of 5,000 chars", {"prompt": "a", "adapter": "n" * 5000}, 404, "unknown_adapter"),
+    ]
+    with _timed(lab, cls):
+        answers = []
+        with lab.refusals(cls):
+            for req, response in zip(reqs, lab.send(cls, reqs)):
+                if isinstance(response, httpx.Response):
+                    answers.append((cls, req.label, response.text))
+        _check_answers(lab, cls, answers)
+        t = lab.tally(cls)
+        ok = httpx.post(f"{lab.url}/v1/generate", timeout=120,
+                        json={"prompt": "the cat", "max_new_tokens": 3, "interventions": [iv]})
+        t.cases += 1
+        t.statuses[f"valid generation {ok.status_code}"] += 1
+        if ok.status_code != 200 or len(ok.json()["generations"][0]["tokens"]) != 3:
+            t.problems.append(f"a valid generation answered {ok.status_code}: {ok.text[:300]}")
     lab.check(cls)
 
 
