@@ -706,7 +706,7 @@ def format_drift(summary: dict) -> str:
         )
     for entry in summary["most_drifted"]:
         lines.append(
-            f"  #{entry['rank']} L{entry['layer']} latent {entry['latent']} (score {entry['score']:.1f}): "
+            f"  #{entry['rank']} L{entry['layer']} latent {entry['latent']} (score {entry['score']:.1f})"
         )
         lines.append(f"      {entry['evidence']}")
     return "\n".join(lines)
