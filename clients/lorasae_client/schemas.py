@@ -22,6 +22,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _no_empty_texts(value: object, what: str) -> None:
+    """Refuse an empty text, an empty list, and empty texts / id lists inside it (``what``: how the
+    items are called in the message)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("empty text")
+        return
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"empty list of {what}s")
+    for i, item in enumerate(value):
+        if isinstance(item, str) and not item.strip():
+            raise ValueError(f"{what} {i} is empty text")
+        if isinstance(item, list) and not item:
+            raise ValueError(f"{what} {i} is an empty list of token ids")
+
+
 # ------------------------------------------------------------------ features
 
 
@@ -53,17 +69,7 @@ class FeaturesRequest(BaseModel):
     @field_validator("inputs")
     @classmethod
     def _not_empty(cls, value: str | list[str] | list[list[int]]) -> str | list[str] | list[list[int]]:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("empty text")
-            return value
-        if not value:
-            raise ValueError("empty list of inputs")
-        for i, item in enumerate(value):
-            if isinstance(item, str) and not item.strip():
-                raise ValueError(f"input {i} is empty text")
-            if isinstance(item, list) and not item:
-                raise ValueError(f"input {i} is an empty list of token ids")
+        _no_empty_texts(value, "input")
         return value
 
     @field_validator("saes")
@@ -271,17 +277,7 @@ class GenerateRequest(BaseModel):
     def _prompt_not_empty(
         cls, value: str | list[int] | list[str] | list[list[int]]
     ) -> str | list[int] | list[str] | list[list[int]]:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("empty text")
-            return value
-        if not value:
-            raise ValueError("empty prompt")
-        for i, item in enumerate(value):
-            if isinstance(item, str) and not item.strip():
-                raise ValueError(f"prompt {i} is empty text")
-            if isinstance(item, list) and not item:
-                raise ValueError(f"prompt {i} is an empty list of token ids")
+        _no_empty_texts(value, "prompt")
         return value
 
     @field_validator("stop")

@@ -14,6 +14,7 @@ from lorasae_client.schemas import ErrorResponse, FeaturesRequest, FeaturesRespo
 from ..deps import Service, ready_service
 from ..engine import AdapterSlot, Engine, Row, RowOutput
 from ..errors import ServiceError, shown
+from ..registry import Registry
 from ..settings import Settings
 
 router = APIRouter(tags=["features"])
@@ -34,15 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) -> Response:
     engine, registry, batcher, _ = svc.loaded()
     settings = svc.settings
-    default_layers, generation = None, 0
-    warnings = []
-    if req.adapter is not None:
-        registry.require_ready(req.adapter)
-        slot = engine.adapters[req.adapter]
-        default_layers, generation = slot.layers, slot.generation
-    layers = engine.select_layers(req.saes, default_layers)
-    if req.adapter is not None and layers != slot.layers:
-        warnings.append(splice_set_warning(engine, req.adapter, slot, layers))
+    layers, generation, warnings = spliced_layers(engine, registry, req.adapter, req.saes)
     latents = requested_latents(req, engine, layers)
     sequences = await input_sequences(req, engine, settings)
     check_response_size(
@@ -70,6 +63,21 @@ async def features(req: FeaturesRequest, svc: Service = Depends(ready_service)) 
     # built off the event loop, so /healthz and other requests keep being answered meanwhile
     body = await run_in_threadpool(render_body, engine, req, layers, outputs, warnings)
     return Response(body, media_type="application/json")
+
+
+def spliced_layers(
+    engine: Engine, registry: Registry, adapter: str | None, saes: list[str] | None
+) -> tuple[tuple[int, ...], int, list[dict]]:
+    """The SAE layers a request splices (``saes``, else the adapter's trained set, else all), the
+    adapter's registration generation (0 without one) and the ``splice_set_differs`` warning when
+    the set is not the adapter's. 404 / 409 for an adapter that is unknown or not ready."""
+    if adapter is None:
+        return engine.select_layers(saes), 0, []
+    registry.require_ready(adapter)
+    slot = engine.adapters[adapter]
+    layers = engine.select_layers(saes, slot.layers)
+    warnings = [splice_set_warning(engine, adapter, slot, layers)] if layers != slot.layers else []
+    return layers, slot.generation, warnings
 
 
 def splice_set_warning(engine: Engine, adapter: str, slot: AdapterSlot, layers: tuple[int, ...]) -> dict:

@@ -24,7 +24,7 @@ from ..engine import Engine
 from ..errors import ServiceError, shown
 from ..generation import Plan, Reported
 from ..settings import Settings
-from .features import splice_set_warning, token_sequences
+from .features import spliced_layers, token_sequences
 
 router = APIRouter(tags=["generate"])
 log = logging.getLogger("lorasae.service")
@@ -43,16 +43,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def generate(req: GenerateRequest, request: Request, svc: Service = Depends(ready_service)) -> Response:
     engine, registry, _, generations = svc.loaded()
     settings = svc.settings
-    trained: tuple[int, ...] | None = None
-    generation_of_adapter = 0
-    warnings = []
-    if req.adapter is not None:
-        registry.require_ready(req.adapter)
-        slot = engine.adapters[req.adapter]
-        trained, generation_of_adapter = slot.layers, slot.generation
-    layers = engine.select_layers(req.saes, trained)
-    if req.adapter is not None and layers != slot.layers:
-        warnings.append(splice_set_warning(engine, req.adapter, slot, layers))
+    layers, generation_of_adapter, warnings = spliced_layers(engine, registry, req.adapter, req.saes)
     interventions = _interventions(req, engine, layers)
     if req.compare and not interventions and req.adapter is None:
         raise ServiceError(
