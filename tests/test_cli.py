@@ -92,8 +92,12 @@ DOCUMENTED_FLAGS = {
                   "--shard-sequences --splice-first --device --dtype --out --resume",
     "ab": "--model --adapter --sae --corpus --split --tokens --ctx --batch-size --top --window "
           "--splice-first --device --dtype --out",
+    "drift": "--adapter --against --model --corpus --split --tokens --ctx --batch-size --top-n "
+             "--effect-contexts --noise-latents --noise-quantile --logit-top --shard-sequences --seed "
+             "--splice-first --device --dtype --out --resume",
     "serve": "--host --port --model --sae --device --dtype --adapter-root --db --api-key-env "
-             "--insecure-no-auth --allowed-host --max-batch --max-wait-ms --dashboards --config",
+             "--insecure-no-auth --allowed-host --max-batch --max-wait-ms --dashboards --drift "
+             "--max-new-tokens --max-generations --max-generation-queue --config",
 }
 
 
