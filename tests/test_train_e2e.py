@@ -92,13 +92,13 @@ def test_e2e_lowers_the_kl_and_only_sae_weights_change(world, init):
         return float(kl_per_token(clean, spliced).mean())
 
     before = kl()
-    assert float(objective.loss(objective.module, ids)) == pytest.approx(before, rel=1e-4)  # TopK: KL only
+    assert float(objective.loss(objective.module, ids, None)) == pytest.approx(before, rel=1e-4)  # TopK: KL only
     trainable = objective.trainable()
     assert {id(p) for p in trainable} == {id(p) for p in objective.sae.parameters()}
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
     for _ in range(30):
         optimizer.zero_grad()
-        objective.loss(objective.module, ids).backward()
+        objective.loss(objective.module, ids, None).backward()
         optimizer.step()
     after = kl()
     assert after < 0.7 * before, (before, after)
@@ -109,6 +109,36 @@ def test_e2e_lowers_the_kl_and_only_sae_weights_change(world, init):
     assert all(p.grad is None for p in lm.model.parameters())
 
 
+@pytest.mark.parametrize("kind", ["topk", "jumprelu"])
+def test_e2e_step_from_the_shared_prefix_equals_the_full_step(world, kind):
+    """Teacher and student both starting after the SAE's layer (the frozen model's residual,
+    computed once or cached): the same loss, sparsity term included, and the same SAE gradients."""
+    from lorasae.splice import SharedPrefix, residual_at
+
+    cfg = _cfg(world, init="scratch", sparsity_coeff=0.5)
+    lm = load_model(cfg.model, "cpu", "float32")
+    torch.manual_seed(0)
+    given = load_sae(str(world.sae1), model=lm.model) if kind == "topk" else _jumprelu(32, 1)
+    objective = E2eObjective(cfg, lm, [given], ONE_PROCESS)
+    assert objective.prefix_layer == 1
+    ids = packed_sequences(lm.tokenizer, "train", 4 * CTX, CTX, cfg.corpus)[:4]
+
+    def loss_and_grads(prefix):
+        loss = objective.loss(objective.module, ids, prefix)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in objective.sae.named_parameters() if p.grad is not None}
+        objective.sae.zero_grad()
+        return float(loss.detach()), grads
+
+    full, full_grads = loss_and_grads(None)
+    shared, shared_grads = loss_and_grads(SharedPrefix(1, residual_at(lm.model, 1, ids)))
+    assert full > 0.1 and shared == pytest.approx(full, rel=1e-6)
+    assert full_grads.keys() == shared_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5 * float(grad.abs().max()) + 1e-9,
+                                   rtol=1e-5)
+
+
 def test_jumprelu_e2e_has_a_sparsity_term_toward_the_given_l0(world):
     cfg = _cfg(world, sparsity_coeff=0.5)
     lm = load_model(cfg.model, "cpu", "float32")
@@ -117,7 +147,7 @@ def test_jumprelu_e2e_has_a_sparsity_term_toward_the_given_l0(world):
     ids = packed_sequences(lm.tokenizer, "train", 4 * CTX, CTX, cfg.corpus)[:4]
     with torch.no_grad():
         objective.sae.threshold.zero_()  # every positive pre-activation fires: L0 far above target
-    loss = objective.loss(objective.module, ids)
+    loss = objective.loss(objective.module, ids, None)
     with torch.no_grad():
         clean = next_token_logprobs(lm.model, ids)
         with Splice(lm.model, [objective.loaded]):

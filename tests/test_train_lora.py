@@ -28,10 +28,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_world import CTX, N_LAYERS
+from tiny_world import CTX, D_MODEL, N_LAYERS
 
 from lorasae.cli import main
 from lorasae.data import packed_sequences
+from lorasae.errors import LorasaeError
 from lorasae.manifest import MANIFEST_FILE, AdapterManifest
 from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs
 from lorasae.models import load_model, model_fingerprint
@@ -302,6 +303,114 @@ def test_steps_lower_kl_on_fixed_batch_and_only_lora_gets_gradients(world):
     assert loss1 < 0.95 * float(loss0.detach()), (float(loss0.detach()), loss1)
 
 
+def _loss_and_grads(peft_model, saes, ids, prefix) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(123)  # the same LoRA dropout masks for every variant
+    loss = kl_loss(peft_model, peft_model, saes, ids, True, prefix)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    peft_model.zero_grad()
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("layers", [[1], [1, 2]])
+def test_shared_prefix_and_cached_residual_steps_equal_the_full_step(world, layers):
+    """The exact speed-ups of a step: both passes starting after the first SAE's layer, from a
+    residual computed once per step or read from the on-disk cache, give the full step's loss
+    and LoRA gradients (dropout 0.1 on: same masks), with one SAE and with two."""
+    from lorasae.splice import SharedPrefix, residual_at
+    from lorasae.training.residuals import ensure_residuals, load_residuals
+
+    lm = load_model(str(world.model))
+    saes = [load_sae(str(getattr(world, f"sae{layer}")), model=lm.model) for layer in layers]
+    torch.manual_seed(0)
+    peft_model = wrap_with_lora(lm.model, make_cfg(world), saes)
+    with torch.no_grad():  # LoRA B off zero, so the adapted pass differs from the clean one
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.train()
+    seqs = packed_sequences(lm.tokenizer, "train", 8 * CTX, CTX, str(world.corpus))
+    rows = torch.tensor([5, 0, 3, 6])
+    ids = seqs[rows]
+    first = min(layers)
+
+    full_loss, full_grads = _loss_and_grads(peft_model, saes, ids, None)
+    shared = SharedPrefix(first, residual_at(peft_model, first, ids))
+    shared_loss, shared_grads = _loss_and_grads(peft_model, saes, ids, shared)
+    cache = ensure_residuals(lm, first, seqs, str(world.corpus))
+    cached = SharedPrefix(first, load_residuals(cache, seqs.shape[0])[rows])
+    cached_loss, cached_grads = _loss_and_grads(peft_model, saes, ids, cached)
+
+    assert full_loss > 0.1  # a real KL, not a trivially equal zero
+    assert shared_loss == pytest.approx(full_loss, rel=1e-6, abs=1e-7)
+    assert cached_loss == pytest.approx(full_loss, rel=1e-6, abs=1e-7)
+    assert full_grads.keys() == shared_grads.keys() == cached_grads.keys() and full_grads
+    scale = max(float(g.abs().max()) for g in full_grads.values())
+    assert max_abs_diff(shared_grads, full_grads) <= 1e-5 * scale
+    assert max_abs_diff(cached_grads, full_grads) <= 1e-5 * scale
+    # the stand-ins are gone afterwards: the model computes its own prefix again
+    torch.testing.assert_close(residual_at(peft_model, first, ids), shared.residual, atol=1e-6, rtol=0)
+
+
+def test_residual_cache_files_reuse_and_rebuild(world, monkeypatch):
+    """The cache holds float32 residuals of every position with their token ids; a request for
+    the first rows is served without a forward, other sequences rebuild it."""
+    import numpy as np
+
+    from lorasae.splice import residual_at
+    from lorasae.training import residuals as rc
+
+    lm = load_model(str(world.model))
+    seqs = packed_sequences(lm.tokenizer, "train", 8 * CTX, CTX, str(world.corpus))
+    folder = rc.ensure_residuals(lm, 1, seqs, str(world.corpus))
+    record = read_json(folder / rc.RECORD_FILE)
+    assert record["shape"] == [8, CTX, D_MODEL] and record["layer"] == 1 and record["dtype"] == "float32"
+    assert (folder / rc.RESIDUALS_FILE).stat().st_size >= record["bytes"] == 8 * CTX * D_MODEL * 4
+    assert np.array_equal(np.load(folder / rc.IDS_FILE), seqs.numpy())
+    torch.testing.assert_close(rc.load_residuals(folder, 8), residual_at(lm.model, 1, seqs), atol=1e-6, rtol=0)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the cache should have served this")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(rc, "_build", no_forward)
+        assert rc.ensure_residuals(lm, 1, seqs[:5], str(world.corpus)) == folder  # a prefix: served
+    other = seqs.flip(0)
+    assert rc.ensure_residuals(lm, 1, other, str(world.corpus)) == folder  # rebuilt for these rows
+    torch.testing.assert_close(rc.load_residuals(folder, 8), residual_at(lm.model, 1, other), atol=1e-6, rtol=0)
+    assert rc.cache_dir(lm, 2, str(world.corpus), CTX) != folder  # another layer, another cache
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = LoraTrainConfig(lr=1e-3, lr_schedule="cosine", warmup_steps=4, lr_end=0.1)
+    lrs = [cfg.lr_at(step, 20) for step in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[4 + 15 // 2] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15))))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    linear = dataclasses.replace(cfg, lr_schedule="linear", warmup_steps=0)
+    assert [linear.lr_at(s, 11) for s in (0, 5, 10)] == pytest.approx([1e-3, 5.5e-4, 1e-4])
+    assert LoraTrainConfig(lr=3e-4).lr_at(17, 20) == 3e-4  # constant: the paper's
+    with pytest.raises(LorasaeError):
+        LoraTrainConfig(lr_schedule="step").validate()  # type: ignore[arg-type]
+
+
+def test_schedule_is_applied_recorded_and_fixes_max_steps_on_resume(world, tmp_path):
+    cfg = make_cfg(world, lr_schedule="linear", warmup_steps=2, tokens=6 * 4 * CTX, eval_every=100)
+    out = tmp_path / "scheduled"
+    metrics = train_lora(cfg, out)
+    lrs = [h["lr"] for h in metrics["history"]]
+    assert lrs == pytest.approx([cfg.lr_at(s, 6) for s in range(6)])
+    assert lrs[1] == pytest.approx(cfg.lr) and lrs[-1] == pytest.approx(cfg.lr * cfg.lr_end)
+    # a run stopped by time keeps its checkpoint; resumed with another --max-steps, its schedule
+    # would change under it: refused
+    stopped = tmp_path / "stopped"
+    short = dataclasses.replace(cfg, max_minutes=1e-9)
+    assert train_lora(short, stopped)["train"]["steps"] == 1
+    with pytest.raises(LorasaeError, match="schedule"):
+        train_lora(dataclasses.replace(short, max_steps=3), stopped, resume=True)
+
+
 def test_training_changes_only_lora_weights(baseline):
     lm, peft_model = baseline["lm"], baseline["peft_model"]
     assert peft_model.get_base_model() is lm.model  # peft wrapped the loaded model in place
@@ -379,7 +488,8 @@ def test_fixed_seed_reproduces_and_other_seed_differs(baseline, tmp_path):
 
 def test_max_minutes_stops_the_run_early_and_says_why(baseline, tmp_path, capsys):
     """``--max-minutes``: the run stops at the first step past the limit, finished (adapter,
-    manifest, metrics; no checkpoint left), and its record says why and how far it got."""
+    manifest, metrics), and its record says why and how far it got; its checkpoint stays, so it
+    can go on to the very result of a run without the limit."""
     cfg = dataclasses.replace(baseline["cfg"], max_minutes=1e-9)  # any step is past it
     out = tmp_path / "short"
     assert main(["train", *cli_args(cfg, out)]) == 0
@@ -389,12 +499,23 @@ def test_max_minutes_stops_the_run_early_and_says_why(baseline, tmp_path, capsys
     assert train["stop_reason"] == "max minutes" and train["steps"] == 1
     assert train["tokens"] == 4 * CTX
     assert AdapterManifest.load(out).training["stop_reason"] == "max minutes"
-    assert (out / ADAPTER_FILE).is_file() and not (out / CHECKPOINT_DIR).exists()
+    # finished (adapter + manifest) and resumable: a run stopped by time keeps its checkpoint
+    assert (out / ADAPTER_FILE).is_file() and (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
     history = read_json(out / "metrics.json")["history"]
     assert [h["step"] for h in history] == [1]
     # the one step is the uninterrupted run's first step
     assert history[0]["train_kl"] == baseline["metrics"]["history"][0]["train_kl"]
     assert baseline["metrics"]["train"]["stop_reason"] == "token budget"
+
+    # without the limit, --resume goes on to the uninterrupted run's result, and `reuse_or_train`
+    # (compare, sweep) does the same when asked for more time
+    more = dataclasses.replace(cfg, max_minutes=None)
+    metrics = training_loop.reuse_or_train(more, out, train_lora)
+    assert metrics["train"]["steps"] == baseline["metrics"]["train"]["steps"] == 40
+    assert metrics["train"]["stop_reason"] == "token budget"
+    assert not (out / CHECKPOINT_DIR).exists()
+    assert max_abs_diff(adapter_tensors(out), adapter_tensors(baseline["out"])) == 0.0
+    assert training_loop.reuse_or_train(more, out, train_lora)["train"] == metrics["train"]  # reused
 
 
 # ---------------------------------------------------------------- 5: the adapter dir, reloaded

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -35,7 +34,7 @@ from lorasae.models import (
     output_head,
 )
 from lorasae.saes import LoadedSAE
-from lorasae.splice import Splice
+from lorasae.splice import Splice, start_after
 
 DECODE_ROWS = 64  # (latent, token) rows per decode step
 
@@ -160,7 +159,7 @@ def _decode_ablated(
 
     handle = final_norm(model).register_forward_hook(lambda _m, _a, out: finals.append(out))
     try:
-        with _prefix_stubbed(model, layer, raw[0, positions.to(raw.device)][:, None]):
+        with start_after(model, layer, raw[0, positions.to(raw.device)][:, None]):
             with Splice(model, saes, keep_first=False, edit=remove):  # hooks on the stubs
                 model(
                     input_ids=ids[positions][:, None].to(device),
@@ -194,33 +193,6 @@ def _step_cache(cache: Any, n: int, crop: int) -> tuple[Any, int]:
     step = copy.deepcopy(cache)
     step.batch_repeat_interleave(n)
     return step, int(step.get_seq_length())
-
-
-class _Stub(nn.Module):
-    """Stands in for a decoder layer during a decode step: passes its input through, or returns
-    ``value`` (the clean residual after that layer)."""
-
-    def __init__(self, original: nn.Module, value: torch.Tensor | None) -> None:
-        super().__init__()
-        self.value = value
-        if hasattr(original, "attention_type"):  # models that pick a mask per layer type read it
-            self.attention_type = original.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states if self.value is None else self.value.to(hidden_states.dtype)
-
-
-@contextmanager
-def _prefix_stubbed(model: nn.Module, last: int, value: torch.Tensor) -> Iterator[None]:
-    layers = decoder_layers(model)
-    originals = [layers[i] for i in range(last + 1)]
-    try:
-        for i, original in enumerate(originals):
-            layers[i] = _Stub(original, value if i == last else None)
-        yield
-    finally:
-        for i, original in enumerate(originals):
-            layers[i] = original
 
 
 @torch.inference_mode()

@@ -36,7 +36,10 @@ def dtype_field() -> Any:
 def corpus_field() -> Any:
     return field(
         default=DEFAULT_CORPUS,
-        metadata={"help": "text file/folder or HF dataset id (default: sotu + Wikipedia mix)"},
+        metadata={
+            "help": "text file/folder, HF dataset id, or a part of the default sotu + Wikipedia mix: "
+            "default:sotu, default:wiki (default: the mix)"
+        },
     )
 
 

@@ -16,13 +16,14 @@ random numbers (dropout masks) from a seed derived from its index.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from lorasae.errors import LorasaeError
 from lorasae.files import write_atomic, write_json_atomic
 from lorasae.models import LoadedModel, load_model
 from lorasae.saes import LoadedSAE, resolve_saes
+from lorasae.splice import SharedPrefix, residual_at
 
 from .fields import (
     corpus_field,
@@ -43,6 +45,7 @@ from .fields import (
     saes_field,
 )
 from .plots import plot_training
+from .residuals import ensure_residuals, load_residuals
 from .train_sae import ensure_default_sae
 
 CHECKPOINT_DIR = "checkpoint"
@@ -50,8 +53,18 @@ CHECKPOINT_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "training.png"
 DONE_MARKERS = ("lorasae.json", "cfg.json")  # an adapter's manifest / a finished SAE's config
-# Settings that may differ on --resume: they do not change what a step computes.
-RESUMABLE_CHANGES = {"max_steps", "max_minutes", "eval_every", "checkpoint_every", "device", "dtype"}
+# Settings that may differ on --resume: they do not change what a step computes (``max_steps`` does,
+# through a decaying schedule's horizon: ``_setup`` refuses that). The cache gives the same steps.
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "max_minutes",
+    "eval_every",
+    "checkpoint_every",
+    "device",
+    "dtype",
+    "residual_cache",
+}
+Schedule = Literal["constant", "cosine", "linear"]
 
 
 @dataclass
@@ -63,7 +76,15 @@ class LoopConfig:
         "SAE to splice: sae-lens folder or release/sae_id (repeat for "
         "several layers; default: the embedded default SAE)"
     )
-    lr: float = field(default=5e-5, metadata={"help": "learning rate (AdamW, constant)"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
+    lr_schedule: Schedule = field(
+        default="constant",
+        metadata={"help": "after warm-up: constant (the paper's), or cosine/linear decay to --lr-end"},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "optimizer steps of linear warm-up from 0"})
+    lr_end: float = field(
+        default=0.1, metadata={"help": "a decaying schedule's last-step lr, as a fraction of --lr"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     ctx: int = ctx_field()
@@ -88,6 +109,17 @@ class LoopConfig:
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints (--resume)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, data order and dropout"})
     corpus: str = corpus_field()
+    eval_corpus: str | None = field(
+        default=None,
+        metadata={"help": "evaluate on this corpus's held-out split (out of domain; default: --corpus)"},
+    )
+    residual_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "start each step from the residual cache after the first SAE's layer (exact; "
+            "see training/residuals.py): off, the shared prefix is recomputed every step"
+        },
+    )
     keep_first: bool = keep_first_field()
     device: str | None = device_field()
     dtype: str | None = dtype_field()
@@ -99,6 +131,23 @@ class LoopConfig:
             raise LorasaeError("--batch-size must be a multiple of --grad-accum")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise LorasaeError("--eval-every and --checkpoint-every must be positive")
+        if self.lr_schedule not in get_args(Schedule):
+            raise LorasaeError(f"--lr-schedule must be one of {', '.join(get_args(Schedule))}")
+        if self.warmup_steps < 0 or not 0 <= self.lr_end <= 1:
+            raise LorasaeError("--warmup-steps must be >= 0 and --lr-end within [0, 1]")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``: linear warm-up,
+        then constant or a cosine/linear decay reaching ``lr * lr_end`` at the last step. A pure
+        function of the step, so ``--resume`` needs no scheduler state."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, total_steps - 1 - self.warmup_steps)
+        progress = min(progress, 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1 - progress
+        return self.lr * (self.lr_end + (1 - self.lr_end) * shape)
 
 
 class Objective(ABC):
@@ -114,9 +163,17 @@ class Objective(ABC):
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    @property
+    def prefix_layer(self) -> int | None:
+        """The last decoder layer whose output training cannot change (the clean and the trained
+        pass agree up to it: the step computes it once, or reads it from the residual cache);
+        None when training reaches the first layer."""
+        return None
+
     @abstractmethod
-    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """Mean per-token KL(clean || spliced and trained) on ``ids``; ``prepared`` may be DDP-wrapped."""
+    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor, prefix: SharedPrefix | None) -> torch.Tensor:
+        """Mean per-token KL(clean || spliced and trained) on ``ids``; ``prepared`` may be
+        DDP-wrapped. With ``prefix`` both passes start after ``prefix_layer``."""
 
     @abstractmethod
     def heldout_ce(self, sequences: torch.Tensor) -> float:
@@ -160,14 +217,23 @@ def is_finished(out: Path) -> bool:
 
 def reuse_or_train(cfg: LoopConfig, out: Path, train: Callable[..., dict]) -> dict:
     """A finished run's metrics when ``out`` holds one with these settings; else ``train`` it,
-    resuming an interrupted run (what `compare` and `sweep` do with each of their runs)."""
+    resuming an interrupted run (what `compare` and `sweep` do with each of their runs). A run
+    stopped by ``max_minutes`` keeps its checkpoint: asked again with only resumable settings
+    changed (more minutes or steps), it goes on from there."""
     out = Path(out)
+    resumable = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()
     if is_finished(out):
         metrics = json.loads((out / METRICS_FILE).read_text())
-        if metrics["config"] != asdict(cfg):
+        if metrics["config"] == asdict(cfg):
+            return metrics
+        if not resumable or _changed(metrics["config"], cfg) - RESUMABLE_CHANGES:
             raise LorasaeError(f"{out} holds a run with other settings; choose another --out")
-        return metrics
-    return train(cfg, out, resume=(out / CHECKPOINT_DIR).exists())
+    return train(cfg, out, resume=resumable or (out / CHECKPOINT_DIR).exists())
+
+
+def _changed(saved: dict, cfg: LoopConfig) -> set[str]:
+    """The settings of ``cfg`` that differ from a saved run's."""
+    return {k for k, v in asdict(cfg).items() if saved.get(k) != v}
 
 
 BuildObjective = Callable[[LoadedModel, list[LoadedSAE], object], Objective]
@@ -208,6 +274,7 @@ class _Run:
     cfg: LoopConfig
     out: Path
     accelerator: Any
+    lm: LoadedModel  # its model is the one training changes (peft wraps it in place)
     objective: Objective
     prepared: torch.nn.Module  # the objective's module as accelerate prepared it (maybe DDP)
     trainable: list[torch.nn.Parameter]
@@ -217,6 +284,7 @@ class _Run:
     order: torch.Tensor  # the seeded order in which training sequences are drawn
     total_steps: int
     state: RunState
+    residuals: torch.Tensor | None  # the residual cache of ``train`` (memory-mapped), when used
     started: float = 0.0  # the wall-clock time at which training time would be 0
 
     @property
@@ -226,6 +294,16 @@ class _Run:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.ctx
+
+    def prefix(self, rows: torch.Tensor, ids: torch.Tensor) -> SharedPrefix | None:
+        """What the step's passes share: the residual after the objective's ``prefix_layer``,
+        read from the cache or computed once, without grad."""
+        layer = self.objective.prefix_layer
+        if layer is None:
+            return None
+        if self.residuals is not None:
+            return SharedPrefix(layer, self.residuals[rows].to(ids.device))
+        return SharedPrefix(layer, residual_at(self.lm.model, layer, ids))
 
 
 def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _Run:
@@ -237,9 +315,11 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
     cfg.validate()
     saved = _prepare_out(out, resume)
     if saved is not None and saved["config"] != asdict(cfg):
-        changed = {k for k, v in asdict(cfg).items() if saved["config"].get(k) != v}
+        changed = _changed(saved["config"], cfg)
         if changed - RESUMABLE_CHANGES:
             raise LorasaeError(f"--resume with different settings: {sorted(changed - RESUMABLE_CHANGES)}")
+        if "max_steps" in changed and (cfg.lr_schedule != "constant" or cfg.warmup_steps):
+            raise LorasaeError("--max-steps sets the lr schedule's length: it cannot change on --resume")
     out.mkdir(parents=True, exist_ok=True)
 
     device = None if cfg.device is None else torch.device(cfg.device)
@@ -268,7 +348,14 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     train = packed_sequences(lm.tokenizer, "train", cfg.tokens, cfg.ctx, cfg.corpus)
-    heldout = packed_sequences(lm.tokenizer, "heldout", cfg.eval_tokens, cfg.ctx, cfg.corpus)
+    heldout = packed_sequences(
+        lm.tokenizer, "heldout", cfg.eval_tokens, cfg.ctx, cfg.eval_corpus or cfg.corpus
+    )
+    residuals = None
+    if objective.prefix_layer is not None and cfg.residual_cache:
+        with accelerator.main_process_first():  # the main process builds the cache, the others read it
+            cached = ensure_residuals(lm, objective.prefix_layer, train, cfg.corpus)
+        residuals = load_residuals(cached, train.shape[0])
     prepared, optimizer = accelerator.prepare(objective.module, optimizer)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -279,11 +366,13 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
     if total_steps < 1:
         raise LorasaeError("the token budget gives no full optimizer step; raise --tokens")
 
-    state = RunState.from_checkpoint(saved) if saved else RunState(metrics={"config": asdict(cfg)})
+    state = RunState.from_checkpoint(saved) if saved else RunState(metrics={})
+    state.metrics["config"] = asdict(cfg)  # resumed: the settings it goes on with (resumable ones)
     run = _Run(
         cfg,
         out,
         accelerator,
+        lm,
         objective,
         prepared,
         trainable,
@@ -293,6 +382,7 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
         order,
         total_steps,
         state,
+        residuals,
     )
     if run.main and "start" not in state.metrics:
         state.metrics["start"] = objective.evaluate(heldout)
@@ -310,6 +400,8 @@ def _train_step(run: _Run) -> float:
     per_process = micro // accelerator.num_processes
     first = accelerator.process_index * per_process
     step_loss = 0.0
+    for group in run.optimizer.param_groups:
+        group["lr"] = cfg.lr_at(run.state.step, run.total_steps)
     for micro_index in range(run.state.step * cfg.grad_accum, (run.state.step + 1) * cfg.grad_accum):
         rows = run.order[micro_index * micro : (micro_index + 1) * micro][first : first + per_process]
         ids = run.train[rows].to(accelerator.device)
@@ -317,7 +409,7 @@ def _train_step(run: _Run) -> float:
             cfg.seed * 1_000_003 + micro_index * accelerator.num_processes + accelerator.process_index
         )
         with accelerator.accumulate(run.prepared), accelerator.autocast():
-            loss = run.objective.loss(run.prepared, ids)
+            loss = run.objective.loss(run.prepared, ids, run.prefix(rows, ids))
             accelerator.backward(loss)
             if accelerator.sync_gradients:  # the step's last micro-batch
                 accelerator.clip_grad_norm_(run.trainable, cfg.grad_clip)
@@ -338,6 +430,7 @@ def _record(run: _Run, train_kl: float) -> None:
         "tokens": state.step * run.tokens_per_step,
         "seconds": round(state.elapsed, 2),
         "train_kl": train_kl,
+        "lr": run.cfg.lr_at(state.step - 1, run.total_steps),
     }
     if run.main and state.step % run.cfg.eval_every == 0 and state.step < run.total_steps:
         eval_started = time.time()
@@ -375,7 +468,8 @@ def _finish(run: _Run, stop_reason: str) -> dict:
         write_json_atomic(run.out / METRICS_FILE, metrics)
         plot_training(metrics, run.out / PLOT_FILE, run.objective.desc)
         run.objective.finish(run.out, metrics)
-        shutil.rmtree(run.out / CHECKPOINT_DIR, ignore_errors=True)
+        if stop_reason != "max minutes":  # a run stopped by time can go on (`--resume`, more minutes)
+            shutil.rmtree(run.out / CHECKPOINT_DIR, ignore_errors=True)
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -395,6 +489,9 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
     running = None
     run.started = time.time() - state.elapsed
     while state.step < run.total_steps:
+        if cfg.max_minutes is not None and state.elapsed >= cfg.max_minutes * 60:
+            stop_reason = "max minutes"
+            break
         train_kl = _train_step(run)
         running = train_kl if running is None else 0.9 * running + 0.1 * train_kl
         bar.set_postfix(kl=f"{running:.4f}")
@@ -402,9 +499,6 @@ def run_loop(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool = F
         _record(run, train_kl)
         if state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps:
             _checkpoint(run)
-        if cfg.max_minutes is not None and state.elapsed >= cfg.max_minutes * 60:
-            stop_reason = "max minutes"
-            break
     bar.close()
     _checkpoint(run)  # a finish cut short by a kill resumes from here
     return _finish(run, stop_reason)

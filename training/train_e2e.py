@@ -28,7 +28,7 @@ from lorasae.errors import LorasaeError
 from lorasae.files import publish_dir, write_json_atomic
 from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
 from lorasae.saes import LoadedSAE
-from lorasae.splice import replace_outputs, residual_at
+from lorasae.splice import SharedPrefix, replace_outputs, residual_at, skipping
 
 from .fields import saes_field
 from .loop import LoopConfig, Objective, run_loop
@@ -163,9 +163,14 @@ class E2eObjective(Objective):
         # a tensor start keeps the sum a tensor for the type checker (0 + t is t, exactly)
         return sum(losses.values(), x.new_zeros(())) if isinstance(losses, dict) else losses
 
-    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def prefix_layer(self) -> int:
+        """The model is frozen: layers up to the SAE's are the same in both passes."""
+        return self.given.layer
+
+    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor, prefix: SharedPrefix | None) -> torch.Tensor:
         model = self.lm.model
-        with torch.no_grad():
+        with torch.no_grad(), skipping(model, prefix):
             clean = next_token_logprobs(model, ids)
         penalty: list[torch.Tensor] = []
         first = 1 if self.cfg.keep_first else 0
@@ -178,7 +183,10 @@ class E2eObjective(Objective):
             penalty.append(self._sparsity(*flat))
             return recon
 
-        with replace_outputs(model, {self.given.layer: reconstruct}, self.cfg.keep_first):
+        with (
+            skipping(model, prefix),
+            replace_outputs(model, {self.given.layer: reconstruct}, self.cfg.keep_first),
+        ):
             student = next_token_logprobs(model, ids)
         return kl_per_token(clean, student).mean() + penalty[0]
 

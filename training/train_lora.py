@@ -26,7 +26,7 @@ from lorasae.manifest import MANIFEST_FILE, AdapterManifest, SaeEntry
 from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
 from lorasae.models import decoder_layers, model_fingerprint
 from lorasae.saes import LoadedSAE
-from lorasae.splice import Splice
+from lorasae.splice import SharedPrefix, Splice, skipping
 
 from .loop import LoopConfig, Objective, run_loop
 
@@ -89,11 +89,21 @@ def wrap_with_lora(model: torch.nn.Module, cfg: LoraTrainConfig, saes: list[Load
     return get_peft_model(model, config)
 
 
-def kl_loss(model, peft_model, saes: list[LoadedSAE], ids: torch.Tensor, keep_first: bool) -> torch.Tensor:
-    """Mean per-token KL(clean || adapted+spliced); ``model`` may be the DDP-wrapped ``peft_model``."""
-    with torch.no_grad(), peft_model.disable_adapter():
+def kl_loss(
+    model,
+    peft_model,
+    saes: list[LoadedSAE],
+    ids: torch.Tensor,
+    keep_first: bool,
+    prefix: SharedPrefix | None = None,
+) -> torch.Tensor:
+    """Mean per-token KL(clean || adapted+spliced); ``model`` may be the DDP-wrapped ``peft_model``.
+
+    With ``prefix`` (the residual after a layer no LoRA precedes) both passes start after it: the
+    same loss, without running layers ``0..prefix.layer`` twice (or at all, from the cache)."""
+    with torch.no_grad(), peft_model.disable_adapter(), skipping(peft_model, prefix):
         clean = next_token_logprobs(peft_model, ids)
-    with Splice(peft_model, saes, keep_first):
+    with skipping(peft_model, prefix), Splice(peft_model, saes, keep_first):  # the splice hooks the stand-in
         student = next_token_logprobs(model, ids)
     return kl_per_token(clean, student).mean()
 
@@ -112,8 +122,13 @@ class LoraObjective(Objective):
     def module(self) -> torch.nn.Module:
         return self.peft_model
 
-    def loss(self, prepared, ids):
-        return kl_loss(prepared, self.peft_model, self.saes, ids, self.cfg.keep_first)
+    @property
+    def prefix_layer(self) -> int | None:
+        """With LoRA only after the first SAE, layers up to it are the base model's in both passes."""
+        return None if self.cfg.layers == "all" else min(s.layer for s in self.saes)
+
+    def loss(self, prepared, ids, prefix):
+        return kl_loss(prepared, self.peft_model, self.saes, ids, self.cfg.keep_first, prefix)
 
     def heldout_ce(self, sequences):
         return spliced_ce(self.peft_model, self.saes, sequences, keep_first=self.cfg.keep_first)

@@ -1,8 +1,9 @@
 """Train a TopK SAE on a model's residual stream with sae-lens's own trainer, saved in sae-lens format.
 
-Activations are collected from the train split of the corpus (forward stopped at the SAE layer, the
-BOS position dropped), held in memory, shuffled, and fed to ``sae_lens.training.SAETrainer`` for a few
-epochs. The result is an ordinary sae-lens folder (``SAE.load_from_disk``), with the hook name
+Activations are collected from the train split of the corpus (forward stopped at the SAE layer) into
+the residual cache (``lorasae.training.residuals``, which `train` and `train-e2e` then start from),
+read without the BOS position, held in memory, shuffled, and fed to ``sae_lens.training.SAETrainer``
+for a few epochs. The result is an ordinary sae-lens folder (``SAE.load_from_disk``), with the hook name
 ``blocks.L.hook_resid_post`` that lorasae maps back onto decoder layer ``L``.
 
 ``ensure_default_sae`` caches the embedded default model's SAE under the data directory, so the demo,
@@ -17,16 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.files import publish_dir, write_json_atomic
 from lorasae.models import LoadedModel, decoder_layers, hidden_size, load_model
 from lorasae.saes import DEFAULT_SAE_EXPANSION, DEFAULT_SAE_K, SAE_CONFIG_FILE, default_sae_dir
-from lorasae.splice import residual_at
 
 from .fields import corpus_field, ctx_field
+from .residuals import cache_seconds, ensure_residuals, load_residuals
 
 SAE_TRAINING_FILE = "lorasae_sae_training.json"
 
@@ -62,20 +62,6 @@ class SaeTrainingConfig:
         return default_sae_dir(self.layer, self.k, self.expansion)
 
 
-def collect_activations(
-    lm: LoadedModel, layer: int, sequences: torch.Tensor, batch_size: int = 16
-) -> torch.Tensor:
-    """Residual stream after ``layer`` for every non-BOS position, ``[N * (T-1), d_model]`` float32."""
-    chunks = []
-    for start in tqdm(
-        range(0, sequences.shape[0], batch_size), desc=f"collecting layer {layer}", unit="batch"
-    ):
-        ids = sequences[start : start + batch_size].to(lm.device)
-        acts = residual_at(lm.model, layer, ids)[:, 1:]
-        chunks.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
-    return torch.cat(chunks)
-
-
 def _epochs(acts: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Shuffled batches over ``acts``, reshuffled every epoch, forever (sae-lens stops by sample count)."""
     while True:
@@ -92,13 +78,15 @@ def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(cfg.seed)
-    started = time.time()
     layer = cfg.resolved_layer(len(decoder_layers(lm.model)))
     d_model = hidden_size(lm.model)
     sequences = packed_sequences(
         lm.tokenizer, "train", cfg.tokens * cfg.ctx // (cfg.ctx - 1), cfg.ctx, cfg.corpus
     )
-    acts = collect_activations(lm, layer, sequences)
+    # the collected residuals (BOS included) are the residual cache `train`/`train-e2e` start from
+    cached = ensure_residuals(lm, layer, sequences, cfg.corpus)
+    loaded = time.time()
+    acts = load_residuals(cached, sequences.shape[0])[:, 1:].reshape(-1, d_model)  # BOS dropped: a copy
     if acts.shape[0] < cfg.batch_size:
         raise LorasaeError(
             f"collected {acts.shape[0]} activations, fewer than one batch of "
@@ -148,7 +136,8 @@ def train_sae(lm: LoadedModel, cfg: SaeTrainingConfig, out: Path) -> Path:
         "hook_name": hook_name,
         "model": lm.model_id,
         "activations": int(acts.shape[0]),
-        "seconds_collecting": round(collected - started, 1),
+        # building the cache is the collection, whichever run built it
+        "seconds_collecting": round(cache_seconds(cached) + collected - loaded, 1),
         "seconds_training": round(time.time() - collected, 1),
     }
     with publish_dir(out, overwrite=True) as tmp:
