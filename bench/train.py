@@ -4,20 +4,27 @@ the same batch; prints a table of ratios, then JSON.
     python bench/train.py                                     # embedded default model + default SAE
     python bench/train.py --model DIR --sae SAE_DIR --quick   # a tiny model, a short run
 
-Three steps are timed in one process on one batch of --batch-size x --ctx tokens (BOS + random ids),
+Five steps are timed in one process on one batch of --batch-size x --ctx tokens (BOS + random ids),
 interleaved (one of each per round, the order rotating between rounds) and repeated; tokens/s is the
 batch's tokens over the median step time:
-1. lora_sae: one `lorasae train` optimizer step from lorasae.training.train_lora's own pieces:
-   ``wrap_with_lora`` with ``LoraTrainConfig``'s defaults (the paper's: rank 64, alpha 32, dropout
-   0.1, q/k/v/o/gate/up/down of the layers after the first SAE; --rank overrides the rank) and
-   ``kl_loss`` (a clean forward without grad, then the adapted forward with the SAEs spliced),
-   backward, grad clipping, AdamW on the LoRA weights (the model in train mode, as in the loop);
-2. full_fwd_bwd: a plain forward + backward of the base model (adapter disabled, no SAE) with a
+1. lora_sae: the LoRA-SAE optimizer step as it was before the exact speed-ups, from
+   lorasae.training.train_lora's own pieces: ``wrap_with_lora`` with ``LoraTrainConfig``'s defaults
+   (the paper's: rank 64, alpha 32, dropout 0.1, q/k/v/o/gate/up/down of the layers after the first
+   SAE; --rank overrides the rank) and ``kl_loss`` without a prefix (a full clean forward without
+   grad, then the full adapted forward with the SAEs spliced), backward, grad clipping, AdamW on the
+   LoRA weights (the model in train mode, as in the loop);
+2. lora_sae_shared: the same step with the shared prefix: layers 0..L (L: the first SAE's layer, no
+   LoRA before it) run once without grad, then both passes start after L (`--no-residual-cache`);
+3. lora_sae_cached: the same step from the residual cache (`lorasae train`'s default): the layer-L
+   residual of the batch is read from an on-disk cache (built before timing; the read is timed);
+4. full_fwd_bwd: a plain forward + backward of the base model (adapter disabled, no SAE) with a
    next-token CE loss and *every* base weight requiring grad: the gradient work of a full
    fine-tune step, without the optimizer update;
-3. lora_ce: an ordinary LoRA fine-tuning step on the same adapter (CE, no SAE, no clean pass,
+5. lora_ce: an ordinary LoRA fine-tuning step on the same adapter (CE, no SAE, no clean pass,
    backward + clip + AdamW on the LoRA weights only): lora_sae / lora_ce is what the method itself
    costs (the clean teacher pass and the splice).
+The three LoRA-SAE variants give the same loss (printed: their largest difference), so their
+ratios are pure speed-ups.
 On CUDA every step runs under bf16 autocast with fp32 weights, as `lorasae train` does.
 """
 
@@ -31,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = ("lora_sae", "full_fwd_bwd", "lora_ce")
+STEPS = ("lora_sae", "lora_sae_shared", "lora_sae_cached", "full_fwd_bwd", "lora_ce")
 
 
 def run(args) -> dict:
@@ -40,6 +47,8 @@ def run(args) -> dict:
 
     from lorasae.models import decoder_layers, load_model
     from lorasae.saes import resolve_saes
+    from lorasae.splice import SharedPrefix, residual_at
+    from lorasae.training.residuals import ensure_residuals, load_residuals
     from lorasae.training.train_lora import LoraTrainConfig, kl_loss, lora_layers, wrap_with_lora
     from lorasae.training.train_sae import ensure_default_sae
 
@@ -79,11 +88,26 @@ def run(args) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    def lora_sae() -> None:
+    first = min(s.layer for s in saes)
+    cache = load_residuals(ensure_residuals(lm, first, ids.cpu(), "bench-random-ids"), ids.shape[0])
+    rows = torch.arange(ids.shape[0])
+    losses: dict[str, list[float]] = {name: [] for name in STEPS[:3]}
+
+    def kl_step(name: str, prefix=None) -> None:
         with autocast():
-            loss = kl_loss(model, model, saes, ids, cfg.keep_first)
+            loss = kl_loss(model, model, saes, ids, cfg.keep_first, prefix() if prefix else None)
         loss.backward()
+        losses[name].append(float(loss.detach()))
         update()
+
+    def lora_sae() -> None:
+        kl_step("lora_sae")
+
+    def lora_sae_shared() -> None:
+        kl_step("lora_sae_shared", lambda: SharedPrefix(first, residual_at(model, first, ids)))
+
+    def lora_sae_cached() -> None:
+        kl_step("lora_sae_cached", lambda: SharedPrefix(first, cache[rows].to(device)))
 
     def full_fwd_bwd() -> None:
         for p in base:
@@ -103,7 +127,21 @@ def run(args) -> dict:
         loss.backward()
         update()
 
-    steps = {"lora_sae": lora_sae, "full_fwd_bwd": full_fwd_bwd, "lora_ce": lora_ce}
+    steps = {
+        "lora_sae": lora_sae,
+        "lora_sae_shared": lora_sae_shared,
+        "lora_sae_cached": lora_sae_cached,
+        "full_fwd_bwd": full_fwd_bwd,
+        "lora_ce": lora_ce,
+    }
+    # the exactness check, before timing: one batch, no update in between, the same dropout masks
+    exact = []
+    for name, prefix in (("lora_sae", None), ("lora_sae_shared", "shared"), ("lora_sae_cached", "cached")):
+        torch.manual_seed(7)
+        shared = {None: None, "shared": SharedPrefix(first, residual_at(model, first, ids)),
+                  "cached": SharedPrefix(first, cache[rows].to(device))}[prefix]
+        with torch.no_grad(), autocast():
+            exact.append(float(kl_loss(model, model, saes, ids, cfg.keep_first, shared)))
     times: dict[str, list[float]] = {name: [] for name in STEPS}
     for round_ in range(args.warmup + args.rounds):
         order = STEPS[round_ % len(STEPS):] + STEPS[:round_ % len(STEPS)]
@@ -130,28 +168,42 @@ def run(args) -> dict:
         "rounds": args.rounds, "warmup_rounds": args.warmup,
         "step_ms_median": {name: round(ms, 3) for name, ms in median.items()},
         "step_ms_all": {name: [round(ms, 3) for ms in values] for name, values in times.items()},
+        "same_loss_max_abs_diff": max(abs(x - exact[0]) for x in exact),
+        "loss_of_each_variant": exact,
         "lora_sae_tokens_per_s": round(tps["lora_sae"], 1),
+        "lora_sae_shared_tokens_per_s": round(tps["lora_sae_shared"], 1),
+        "lora_sae_cached_tokens_per_s": round(tps["lora_sae_cached"], 1),
+        "shared_prefix_speedup": round(tps["lora_sae_shared"] / tps["lora_sae"], 3),
+        "residual_cache_speedup": round(tps["lora_sae_cached"] / tps["lora_sae"], 3),
+        "prefix_layer": first,
         "full_fwd_bwd_tokens_per_s": round(tps["full_fwd_bwd"], 1),
         "lora_ce_tokens_per_s": round(tps["lora_ce"], 1),
         "lora_sae_vs_full_fwd_bwd": round(tps["lora_sae"] / tps["full_fwd_bwd"], 3),
         "lora_sae_vs_lora_ce": round(tps["lora_sae"] / tps["lora_ce"], 3),
+        "lora_sae_cached_vs_lora_ce": round(tps["lora_sae_cached"] / tps["lora_ce"], 3),
         "lora_ce_vs_full_fwd_bwd": round(tps["lora_ce"] / tps["full_fwd_bwd"], 3),
     }
 
 
 def print_table(r: dict) -> None:
     rows = [
-        ("lorasae train step (LoRA, KL, SAE spliced), tokens/s", f"{r['lora_sae_tokens_per_s']:.1f}"),
+        ("LoRA-SAE step, full passes (before), tokens/s", f"{r['lora_sae_tokens_per_s']:.1f}"),
+        ("LoRA-SAE step, shared prefix, tokens/s", f"{r['lora_sae_shared_tokens_per_s']:.1f}"),
+        ("LoRA-SAE step, residual cache (default), tokens/s", f"{r['lora_sae_cached_tokens_per_s']:.1f}"),
+        ("shared prefix / full passes", f"{r['shared_prefix_speedup']:.2f}x"),
+        ("residual cache / full passes", f"{r['residual_cache_speedup']:.2f}x"),
         ("plain fwd+bwd, all weights with grad (CE), tokens/s", f"{r['full_fwd_bwd_tokens_per_s']:.1f}"),
         ("LoRA fine-tune step (CE, no SAE), tokens/s", f"{r['lora_ce_tokens_per_s']:.1f}"),
-        ("lorasae train / plain fwd+bwd", f"{r['lora_sae_vs_full_fwd_bwd']:.2f}x"),
-        ("lorasae train / LoRA fine-tune step", f"{r['lora_sae_vs_lora_ce']:.2f}x"),
+        ("LoRA-SAE full passes / plain fwd+bwd", f"{r['lora_sae_vs_full_fwd_bwd']:.2f}x"),
+        ("LoRA-SAE full passes / LoRA fine-tune step", f"{r['lora_sae_vs_lora_ce']:.2f}x"),
+        ("LoRA-SAE residual cache / LoRA fine-tune step", f"{r['lora_sae_cached_vs_lora_ce']:.2f}x"),
         ("LoRA fine-tune step / plain fwd+bwd", f"{r['lora_ce_vs_full_fwd_bwd']:.2f}x"),
     ]
     print(f"model {r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} threads), SAEs "
           f"{r['saes']}; batch {r['batch_size']} x {r['ctx']} tokens, LoRA rank {r['rank']} "
           f"({r['lora_params']:,} trainable of {r['base_params']:,}); median of {r['rounds']} "
           f"interleaved rounds")
+    print(f"the three LoRA-SAE steps give the same loss: largest difference {r['same_loss_max_abs_diff']:.2e}")
     width = max(len(name) for name, _ in rows)
     print(f"{'metric':<{width}}  {'value':>10}")
     for name, value in rows:

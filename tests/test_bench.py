@@ -22,19 +22,24 @@ def test_train_bench_quick(tiny_world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout[proc.stdout.index("{"):]) == result  # the table, then the same JSON
-    assert "lorasae train / plain fwd+bwd" in proc.stdout
+    assert "residual cache / full passes" in proc.stdout
+    assert result["same_loss_max_abs_diff"] < 1e-5 and result["loss_of_each_variant"][0] > 0
+    assert result["prefix_layer"] == 1
     assert result["model"] == str(tiny_world.model) and result["rank"] == 4
     assert result["tokens_per_step"] == result["batch_size"] * result["ctx"] == 2 * 32
     assert result["lora_layers"] == [2, 3]  # the layers after the layer-1 SAE, as `lorasae train`
     assert 0 < result["lora_params"] and 0 < result["base_params"]
-    for step in ("lora_sae", "full_fwd_bwd", "lora_ce"):
+    for step in ("lora_sae", "lora_sae_shared", "lora_sae_cached", "full_fwd_bwd", "lora_ce"):
         assert len(result["step_ms_all"][step]) == result["rounds"] == 3
         assert result["step_ms_median"][step] > 0
     for key in ("lora_sae_tokens_per_s", "full_fwd_bwd_tokens_per_s", "lora_ce_tokens_per_s",
-                "lora_sae_vs_full_fwd_bwd", "lora_sae_vs_lora_ce", "lora_ce_vs_full_fwd_bwd"):
+                "lora_sae_vs_full_fwd_bwd", "lora_sae_vs_lora_ce", "lora_ce_vs_full_fwd_bwd",
+                "shared_prefix_speedup", "residual_cache_speedup", "lora_sae_cached_vs_lora_ce"):
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
     ratio = result["lora_sae_tokens_per_s"] / result["full_fwd_bwd_tokens_per_s"]
     assert result["lora_sae_vs_full_fwd_bwd"] == round(ratio, 3)
+    cached = result["lora_sae_cached_tokens_per_s"] / result["lora_sae_tokens_per_s"]
+    assert result["residual_cache_speedup"] == round(cached, 3)
 
 
 def test_generate_bench_quick(tiny_world, tmp_path):

@@ -23,7 +23,7 @@ from lorasae.models import DEFAULT_MODEL, load_model
 from lorasae.saes import load_sae
 
 from .ab import AbConfig, print_table, run_ab
-from .compare import PRESETS, CompareConfig, run_compare
+from .compare import PRESETS, CompareConfig, format_compare, run_compare
 from .dashboards import DashboardConfig, run_dashboards
 from .demo import DemoConfig, run_demo
 from .drift import DriftConfig, format_drift, run_drift
@@ -190,6 +190,7 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
 
 def compare_command(args: argparse.Namespace) -> None:
     result = run_compare(compare_config(args), Path(cliargs.build(CompareOptions, args).out))
+    print(format_compare(result), file=sys.stderr, flush=True)
     runs = {run: {k: v for k, v in result[run].items() if k != "curve"} for run in ("lora", "e2e")}
     _print_json({k: v for k, v in result.items() if k not in runs} | runs)
 

@@ -53,36 +53,176 @@ def plot_training(metrics: dict, path: Path, label: str = "LoRA-SAE") -> Path:
     return _save(fig, path)
 
 
-def plot_compare(result: dict, path: Path) -> Path:
-    """`lorasae compare`: both runs' held-out CE against seconds and against tokens, the target."""
-    fig = Figure(figsize=(12, 4.4))
-    axes = fig.subplots(1, 2)
-    for ax, key, label in (
-        (axes[0], "seconds", "training wall-clock seconds"),
-        (axes[1], "tokens", "training tokens"),
-    ):
-        for run, colour, name in (
-            ("lora", "tab:blue", "LoRA-SAE (model adapted, SAE frozen)"),
-            ("e2e", "tab:orange", f"e2e SAE ({result['e2e']['init']}, model frozen)"),
-        ):
-            pts = result[run]["curve"]
-            ax.plot([p[key] for p in pts], [p["ce"] for p in pts], marker="o", ms=3, color=colour, label=name)
-            reached = result[run][f"{key}_to_target"]
-            if reached is not None:
-                ax.axvline(reached, color=colour, alpha=0.4, linestyle="-.")
-        ax.axhline(result["target_ce"], color="tab:orange", linestyle=":", label="e2e final CE (target)")
+_TARGET_STYLE = {  # target name: (label, line colour, marker)
+    "e2e_final": ("e2e's final CE", "tab:orange", "*"),
+    "lora_final": ("LoRA-SAE's final CE", "tab:blue", "D"),
+}
+
+
+def _compare_targets(result: dict) -> list[dict]:
+    """``result["targets"]``; for a result without them (older compare.json), its one target."""
+    if "targets" in result:
+        return result["targets"]
+    lora, e2e = result["lora"], result["e2e"]
+    return [
+        {
+            "name": "e2e_final",
+            "ce": result["target_ce"],
+            "lora_seconds": lora.get("seconds_to_target"),
+            "e2e_seconds": e2e.get("seconds_to_target"),
+            "lora_tokens": lora.get("tokens_to_target"),
+            "e2e_tokens": e2e.get("tokens_to_target"),
+            "speedup": result.get("speedup"),
+            "speedup_including_sae_training": result.get("speedup_including_sae_training"),
+            "lower_bound": False,
+        }
+    ]
+
+
+def _times(x: float) -> str:
+    return "∞x" if x == float("inf") else f"{x:.1f}x"
+
+
+def _compare_title(result: dict, targets: list[dict]) -> str:
+    parts = []
+    for t in targets:
+        label = _TARGET_STYLE[t["name"]][0]
+        bound = "≥ " if t["lower_bound"] else ""
+        speed, incl = t["speedup"], t.get("speedup_including_sae_training")
+        if speed is None:
+            parts.append(f"to {label}: not reached by LoRA-SAE")
+            continue
+        text = f"to {label}: {bound}{_times(speed)}"
+        if incl is not None:
+            text += f" ({bound}{_times(incl)} incl. SAE training)"
+        if t["lower_bound"]:
+            text += " (lower bound: e2e not there yet)"
+        parts.append(text)
+    init = result["e2e"].get("init", "")
+    return f"LoRA-SAE vs e2e SAE ({init}), wall-clock speed-up\n" + "; ".join(parts)
+
+
+def compare_figure(result: dict) -> Figure:
+    """The figure ``plot_compare`` writes (separate so tests can inspect its axes)."""
+    targets = _compare_targets(result)
+    curves = {run: result[run]["curve"] for run in ("lora", "e2e")}
+    sae_s = result.get("sae_training_seconds")
+    positive = [p["seconds"] for c in curves.values() for p in c if p["seconds"] > 0]
+    x0 = min(positive) / 2 if positive else 0.01  # where 0 s is drawn on the log axis
+
+    def at(seconds: float) -> float:
+        return seconds if seconds > 0 else x0
+
+    runs = (
+        ("lora", "tab:blue", "LoRA-SAE (model adapted, SAE frozen)"),
+        ("e2e", "tab:orange", f"e2e SAE ({result['e2e'].get('init', '')}, model frozen)"),
+    )
+    fig = Figure(figsize=(14.5, 5))
+    by_time, by_tokens, legend_ax = fig.subplots(1, 3, width_ratios=[5, 5, 2.2])
+
+    # held-out CE vs training seconds, log x
+    for run, colour, name in runs:
+        pts = curves[run]
+        by_time.plot(
+            [at(p["seconds"]) for p in pts],
+            [p["ce"] for p in pts],
+            marker="o",
+            ms=3,
+            color=colour,
+            label=name,
+        )
+    if sae_s is not None:
+        pts = curves["lora"]
+        by_time.plot(
+            [at(p["seconds"] + sae_s) for p in pts],
+            [p["ce"] for p in pts],
+            linestyle="--",
+            color="tab:blue",
+            alpha=0.5,
+            label=f"LoRA-SAE incl. SAE training (+{sae_s:.0f} s)",
+        )
+    for t in targets:
+        label, colour, marker = _TARGET_STYLE[t["name"]]
+        by_time.axhline(
+            t["ce"], color=colour, linestyle=":", alpha=0.8, label=f"target: {label} ({t['ce']:.4f})"
+        )
+        if t["lora_seconds"] is not None:
+            by_time.scatter(
+                [at(t["lora_seconds"])], [t["ce"]], marker=marker, s=70, color="tab:blue", zorder=4
+            )
+            if sae_s is not None:
+                by_time.scatter(
+                    [at(t["lora_seconds"] + sae_s)],
+                    [t["ce"]],
+                    marker=marker,
+                    s=70,
+                    facecolors="none",
+                    edgecolors="tab:blue",
+                    zorder=4,
+                )
+        if t["e2e_seconds"] is not None:
+            by_time.scatter(
+                [at(t["e2e_seconds"])], [t["ce"]], marker=marker, s=70, color="tab:orange", zorder=4
+            )
+        elif t["lora_seconds"] is not None:  # e2e not there yet: how far it still is
+            last = curves["e2e"][-1]
+            by_time.vlines(at(last["seconds"]), t["ce"], last["ce"], color="tab:orange", linestyle="--", lw=1)
+            by_time.annotate(
+                f"e2e: not reached after {last['seconds']:.0f} s →",
+                xy=(at(last["seconds"]), t["ce"]),
+                xytext=(-6, 6),
+                textcoords="offset points",
+                ha="right",
+                fontsize=8,
+                color="tab:orange",
+            )
+    by_time.set_xscale("log")
+    by_time.set_xlabel(f"training wall-clock seconds (log; the start, 0 s, drawn at {x0:.2g} s)")
+
+    # held-out CE vs training tokens
+    for run, colour, name in runs:
+        pts = curves[run]
+        by_tokens.plot(
+            [p["tokens"] for p in pts], [p["ce"] for p in pts], marker="o", ms=3, color=colour, label=name
+        )
+    for t in targets:
+        label, colour, marker = _TARGET_STYLE[t["name"]]
+        by_tokens.axhline(t["ce"], color=colour, linestyle=":", alpha=0.8)
+        for key, run_colour in (("lora_tokens", "tab:blue"), ("e2e_tokens", "tab:orange")):
+            if t.get(key) is not None:
+                by_tokens.scatter([t[key]], [t["ce"]], marker=marker, s=70, color=run_colour, zorder=4)
+    by_tokens.set_xlabel("training tokens")
+
+    for ax in (by_time, by_tokens):
         ax.axhline(result["ce_spliced"], color="tab:red", linestyle=":", label="given SAE spliced")
         ax.axhline(result["ce_clean"], color="black", linestyle="--", label="clean model")
-        ax.set_xlabel(label)
         ax.set_ylabel("held-out CE (nats)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    speed = result["speedup"]
-    fig.suptitle(
-        "LoRA-SAE vs e2e SAE: time to the e2e run's final CE"
-        + (f" — speed-up {speed:.1f}x" if speed is not None else " — not reached")
-    )
-    return _save(fig, path)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = by_time.get_legend_handles_labels()
+    for name, (label, _, marker) in _TARGET_STYLE.items():
+        if any(t["name"] == name for t in targets):
+            handles.append(by_time.scatter([], [], marker=marker, s=70, color="grey"))
+            labels.append(f"reaches {label}")
+    if sae_s is not None:
+        handles.append(by_time.scatter([], [], marker="o", s=50, facecolors="none", edgecolors="tab:blue"))
+        labels.append("hollow: LoRA-SAE incl. SAE training")
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, fontsize=8, loc="center left")
+    fig.suptitle(_compare_title(result, targets), fontsize=10)
+    return fig
+
+
+def plot_compare(result: dict, path: Path) -> Path:
+    """`lorasae compare`: both runs' held-out CE against training seconds (log x-axis) and against
+    tokens, with both targets (the e2e run's final CE, LoRA-SAE's final CE) as horizontal lines and
+    a marker where each run reaches each (★ e2e's final, ◆ LoRA-SAE's final; hollow: LoRA-SAE
+    counting the SAE's training, whose curve is drawn shifted right by it when known); the legend
+    has a panel of its own. A log axis
+    cannot show 0 s: every point at 0 s (the start) is drawn at half the smallest positive time of
+    either curve, as the x label says. Where the e2e run never reached a target, its last point is
+    labelled "not reached after N s" (a dashed line down to the target shows the CE still to go) and
+    the title's speed-up reads "≥ Nx (lower bound)"."""
+    return _save(compare_figure(result), path)
 
 
 def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
