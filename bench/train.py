@@ -16,7 +16,10 @@ batch's tokens over the median step time:
 2. lora_sae_shared: the same step with the shared prefix: layers 0..L (L: the first SAE's layer, no
    LoRA before it) run once without grad, then both passes start after L (`--no-residual-cache`);
 3. lora_sae_cached: the same step from the residual cache (`lorasae train`'s default): the layer-L
-   residual of the batch is read from an on-disk cache (built before timing; the read is timed);
+   residual of the batch and the clean model's final hidden states (the teacher: its next-token
+   distribution is then one head matmul) are read from the on-disk cache, built once before
+   timing (a run builds it once for all its epochs, and sweeps/compare share it); the reads are
+   timed;
 4. full_fwd_bwd: a plain forward + backward of the base model (adapter disabled, no SAE) with a
    next-token CE loss and *every* base weight requiring grad: the gradient work of a full
    fine-tune step, without the optimizer update;
@@ -48,7 +51,7 @@ def run(args) -> dict:
     from lorasae.models import decoder_layers, load_model
     from lorasae.saes import resolve_saes
     from lorasae.splice import SharedPrefix, residual_at
-    from lorasae.training.residuals import ensure_residuals, load_residuals
+    from lorasae.training.residuals import ensure_residuals, load_clean_final, load_residuals
     from lorasae.training.train_lora import LoraTrainConfig, kl_loss, lora_layers, wrap_with_lora
     from lorasae.training.train_sae import ensure_default_sae
 
@@ -89,13 +92,16 @@ def run(args) -> dict:
         optimizer.zero_grad()
 
     first = min(s.layer for s in saes)
-    cache = load_residuals(ensure_residuals(lm, first, ids.cpu(), "bench-random-ids"), ids.shape[0])
+    with model.disable_adapter():
+        folder = ensure_residuals(lm, first, ids.cpu(), "bench-random-ids", clean_final=True)
+    cache, finals = load_residuals(folder, ids.shape[0]), load_clean_final(folder, ids.shape[0])
     rows = torch.arange(ids.shape[0])
     losses: dict[str, list[float]] = {name: [] for name in STEPS[:3]}
 
-    def kl_step(name: str, prefix=None) -> None:
+    def kl_step(name: str, start=None) -> None:
+        prefix, final = start() if start else (None, None)
         with autocast():
-            loss = kl_loss(model, model, saes, ids, cfg.keep_first, prefix() if prefix else None)
+            loss = kl_loss(model, model, saes, ids, cfg.keep_first, prefix, final)
         loss.backward()
         losses[name].append(float(loss.detach()))
         update()
@@ -104,10 +110,10 @@ def run(args) -> dict:
         kl_step("lora_sae")
 
     def lora_sae_shared() -> None:
-        kl_step("lora_sae_shared", lambda: SharedPrefix(first, residual_at(model, first, ids)))
+        kl_step("lora_sae_shared", lambda: (SharedPrefix(first, residual_at(model, first, ids)), None))
 
     def lora_sae_cached() -> None:
-        kl_step("lora_sae_cached", lambda: SharedPrefix(first, cache[rows].to(device)))
+        kl_step("lora_sae_cached", lambda: (SharedPrefix(first, cache[rows].to(device)), finals[rows].to(device)))
 
     def full_fwd_bwd() -> None:
         for p in base:
@@ -138,10 +144,13 @@ def run(args) -> dict:
     exact = []
     for name, prefix in (("lora_sae", None), ("lora_sae_shared", "shared"), ("lora_sae_cached", "cached")):
         torch.manual_seed(7)
-        shared = {None: None, "shared": SharedPrefix(first, residual_at(model, first, ids)),
-                  "cached": SharedPrefix(first, cache[rows].to(device))}[prefix]
+        shared, final = {
+            None: (None, None),
+            "shared": (SharedPrefix(first, residual_at(model, first, ids)), None),
+            "cached": (SharedPrefix(first, cache[rows].to(device)), finals[rows].to(device)),
+        }[prefix]
         with torch.no_grad(), autocast():
-            exact.append(float(kl_loss(model, model, saes, ids, cfg.keep_first, shared)))
+            exact.append(float(kl_loss(model, model, saes, ids, cfg.keep_first, shared, final)))
     times: dict[str, list[float]] = {name: [] for name in STEPS}
     for round_ in range(args.warmup + args.rounds):
         order = STEPS[round_ % len(STEPS):] + STEPS[:round_ % len(STEPS)]

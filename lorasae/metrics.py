@@ -16,9 +16,12 @@ own ``ce_spliced`` (only that SAE spliced) and, with an adapter, its own ``ce_ad
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -27,8 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorasae.errors import LorasaeError
-from lorasae.saes import LoadedSAE
-from lorasae.splice import Splice, zero_ablation
+from lorasae.files import write_json_atomic
+from lorasae.models import logits_from_hidden
+from lorasae.paths import data_dir
+from lorasae.saes import LoadedSAE, sae_fingerprint
+from lorasae.splice import SharedPrefix, Splice, residual_at, skipping, zero_ablation
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -40,6 +46,12 @@ def next_token_logprobs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tens
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def logprobs_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final-norm outputs (what the head reads), float32: the
+    same numbers as the forward's, for a teacher whose final hidden states are cached."""
+    return F.log_softmax(logits_from_hidden(model, hidden), dim=-1)
+
+
 def token_ce(logprobs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-position CE ``[B, T-1]`` of the next tokens under ``logprobs``."""
     return -logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -48,6 +60,23 @@ def token_ce(logprobs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def kl_per_token(logp_ref: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p_ref || q) per position, ``[B, T-1]``."""
     return (logp_ref.exp() * (logp_ref - logq)).sum(-1)
+
+
+def next_token_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits at positions 0..T-2, float32 (a student's side of ``mean_kl``)."""
+    return model(input_ids=input_ids).logits[:, :-1].float()
+
+
+def mean_kl(logp_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(p_ref || softmax(logits)), for training: the soft-target cross-entropy
+    minus p_ref's entropy (the same number as ``kl_per_token(...).mean()``), which lets the
+    student's side be one fused op and ~10% cheaper than log-softmax, difference and product.
+    ``logp_ref`` carries no gradient."""
+    vocab = logits.shape[-1]
+    with torch.no_grad():
+        p_ref = logp_ref.exp()
+        neg_entropy = (p_ref * logp_ref).sum(-1).mean()
+    return F.cross_entropy(logits.reshape(-1, vocab), p_ref.reshape(-1, vocab)) + neg_entropy
 
 
 @contextlib.contextmanager
@@ -137,6 +166,9 @@ def evaluate(
     adapter: bool = False,
     progress: bool = True,
     splice_sets: bool = False,
+    base_cache: str | None = None,
+    identity_adapter: bool = False,
+    unadapted_prefix: bool = False,
 ) -> dict:
     """Held-out metrics on ``sequences`` (``[N, T]`` token ids; each row a packed sequence).
 
@@ -145,6 +177,16 @@ def evaluate(
     the weights. With several SAEs each is also spliced alone; with ``splice_sets`` every non-empty
     subset of them is (``result["splice_sets"]``): an adapter trained for a set of SAEs can make CE
     worse than no adapter when used with part of it.
+
+    The base numbers (everything but the adapter's) do not depend on the adapter: with
+    ``base_cache`` (a ``base_key``) they are read from, or else computed and written to, the data
+    directory's ``eval-base/`` (so an adapter's evaluation costs its own forwards only). With
+    ``identity_adapter`` the caller knows the adapter changes nothing (LoRA's B matrices are zero
+    at initialisation): its numbers are the base ones, without forwards.
+
+    Layers up to the first SAE's run once per batch and every pass starts after them (exact: no
+    pass changes them); with ``unadapted_prefix`` (the adapter has no LoRA there, as with LoRA
+    after the SAE) the adapted passes too.
     """
     if splice_sets and len(saes) > MAX_SPLICE_SET_SAES:
         raise LorasaeError(
@@ -153,7 +195,19 @@ def evaluate(
         )
     subsets = _subsets(saes, splice_sets)
     with eval_mode(model):
-        return _evaluate(model, saes, sequences, batch_size, keep_first, adapter, progress, subsets)
+        return _evaluate(
+            model,
+            saes,
+            sequences,
+            batch_size,
+            keep_first,
+            adapter,
+            progress,
+            subsets,
+            base_cache,
+            identity_adapter,
+            unadapted_prefix,
+        )
 
 
 MAX_SPLICE_SET_SAES = 6
@@ -173,6 +227,52 @@ def _set_key(subset: Sequence[LoadedSAE]) -> str:
     return "+".join(str(s.layer) for s in subset)
 
 
+# what an adapter that changes nothing gives: each adapted number is its base counterpart
+IDENTITY_ADAPTER = {
+    "ce_spliced": "ce_adapted_spliced",
+    "ce_clean": "ce_adapted_clean",
+    "kl_spliced": "kl_adapted_spliced",
+}
+
+
+def base_key(
+    model_fingerprint: str,
+    saes: Sequence[LoadedSAE],
+    sequences: torch.Tensor,
+    keep_first: bool,
+    splice_sets: bool = False,
+) -> str:
+    """The key of an evaluation's base numbers (clean, spliced, zero-ablated CE, KL, SAE stats),
+    which no adapter changes: the base model's and the SAEs' fingerprints, the held-out token ids
+    themselves (so corpus, split, count and context), the first-position rule and the subsets."""
+    digest = hashlib.sha256()
+    fields = {
+        "model": model_fingerprint,
+        "saes": [(s.layer, sae_fingerprint(s.sae)) for s in saes],
+        "shape": list(sequences.shape),
+        "keep_first": keep_first,
+        "splice_sets": splice_sets,
+    }
+    digest.update(json.dumps(fields).encode())
+    digest.update(sequences.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _base_file(key: str) -> Path:
+    return data_dir() / "eval-base" / f"{key}.json"
+
+
+def _load_base(key: str | None) -> dict | None:
+    """The cached base numbers under ``key``; None when absent or unreadable (then recomputed)."""
+    if key is None or not _base_file(key).is_file():
+        return None
+    try:
+        base = json.loads(_base_file(key).read_text())
+        return {"means": dict(base["means"]), "saes": {int(k): v for k, v in base["saes"].items()}}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _evaluate(
     model: nn.Module,
     saes: Sequence[LoadedSAE],
@@ -182,42 +282,81 @@ def _evaluate(
     adapter: bool,
     progress: bool,
     subsets: list[tuple[LoadedSAE, ...]],
+    base_cache: str | None,
+    identity_adapter: bool,
+    unadapted_prefix: bool,
 ) -> dict:
     device = next(model.parameters()).device
     # with ``adapter`` the model is a peft model (nn.Module.__getattr__ types its methods as Tensor | Module)
     disabled: Callable[[], contextlib.AbstractContextManager[object]] = (
         cast("PeftModel", model).disable_adapter if adapter else contextlib.nullcontext
     )
-    sums = _Sums()
+    base = _load_base(base_cache)
+    need_adapted = adapter and not identity_adapter
+    sums, adapted = _Sums(), _Sums()
     stats = {s.layer: _SaeStats(s.d_sae) for s in saes}
-    n_pred = 0
-    batches = range(0, sequences.shape[0], batch_size)
+    n_pred = sequences.shape[0] * (sequences.shape[1] - 1)
+    batches = range(0, sequences.shape[0], batch_size) if base is None or need_adapted else range(0)
+    first = min(s.layer for s in saes)
     for start in tqdm(batches, desc="evaluating", leave=False, disable=not progress):
         ids = sequences[start : start + batch_size].to(device)
-        n_pred += ids.shape[0] * (ids.shape[1] - 1)
-        with disabled():
-            clean = next_token_logprobs(model, ids)
-            sums.add("ce_clean", token_ce(clean, ids))
-            with Splice(model, saes, keep_first, record=True) as splice:
+        with disabled():  # layers up to the first SAE's run once for the clean, spliced, ablated passes
+            prefix = SharedPrefix(first, residual_at(model, first, ids))
+            with skipping(model, prefix):
+                clean = next_token_logprobs(model, ids)
+            if base is None:
+                _add_base(sums, stats, model, saes, subsets, ids, clean, keep_first, prefix)
+        if need_adapted:
+            shared = prefix if unadapted_prefix else None
+            with skipping(model, shared), Splice(model, saes, keep_first):
                 spliced = next_token_logprobs(model, ids)
-            for layer, record in splice.records.items():
-                stats[layer].update(record, keep_first)
-            sums.add("ce_spliced", token_ce(spliced, ids))
-            sums.add("kl_spliced", kl_per_token(clean, spliced))
+            adapted.add("ce_adapted_spliced", token_ce(spliced, ids))
+            adapted.add("kl_adapted_spliced", kl_per_token(clean, spliced))
             del spliced
-            with zero_ablation(model, [s.layer for s in saes], keep_first):
-                sums.add("ce_zero_ablation", token_ce(next_token_logprobs(model, ids), ids))
-            _add_subset_ce(sums, "ce_spliced", model, subsets, ids, keep_first)
-        if adapter:
-            with Splice(model, saes, keep_first):
-                adapted = next_token_logprobs(model, ids)
-            sums.add("ce_adapted_spliced", token_ce(adapted, ids))
-            sums.add("kl_adapted_spliced", kl_per_token(clean, adapted))
-            del adapted
-            sums.add("ce_adapted_clean", token_ce(next_token_logprobs(model, ids), ids))
-            _add_subset_ce(sums, "ce_adapted_spliced", model, subsets, ids, keep_first)
-    mean = {k: v / n_pred for k, v in sums.values.items()}
-    return _summarise(mean, saes, stats, n_pred, adapter, keep_first, subsets)
+            with skipping(model, shared):
+                adapted.add("ce_adapted_clean", token_ce(next_token_logprobs(model, ids), ids))
+            _add_subset_ce(adapted, "ce_adapted_spliced", model, subsets, ids, keep_first, shared)
+    if base is None:
+        base = {
+            "means": {k: v / n_pred for k, v in sums.values.items()},
+            "saes": {layer: stat.result() for layer, stat in stats.items()},
+        }
+        if base_cache is not None:
+            write_json_atomic(_base_file(base_cache), base)
+    mean = dict(base["means"])
+    mean.update({k: v / n_pred for k, v in adapted.values.items()})
+    if adapter and identity_adapter:
+        for key, value in base["means"].items():
+            stem, _, name = key.rpartition("/")
+            if name in IDENTITY_ADAPTER:
+                mean[f"{stem}/{IDENTITY_ADAPTER[name]}" if stem else IDENTITY_ADAPTER[name]] = value
+    return _summarise(mean, saes, base["saes"], n_pred, adapter, keep_first, subsets)
+
+
+def _add_base(
+    sums: _Sums,
+    stats: dict[int, _SaeStats],
+    model: nn.Module,
+    saes: Sequence[LoadedSAE],
+    subsets: list[tuple[LoadedSAE, ...]],
+    ids: torch.Tensor,
+    clean: torch.Tensor,
+    keep_first: bool,
+    prefix: SharedPrefix,
+) -> None:
+    """One batch's base numbers (the model as it is called: the caller disables any adapter), every
+    pass starting after the shared ``prefix``."""
+    sums.add("ce_clean", token_ce(clean, ids))
+    with skipping(model, prefix), Splice(model, saes, keep_first, record=True) as splice:
+        spliced = next_token_logprobs(model, ids)
+    for layer, record in splice.records.items():
+        stats[layer].update(record, keep_first)
+    sums.add("ce_spliced", token_ce(spliced, ids))
+    sums.add("kl_spliced", kl_per_token(clean, spliced))
+    del spliced
+    with skipping(model, prefix), zero_ablation(model, [s.layer for s in saes], keep_first):
+        sums.add("ce_zero_ablation", token_ce(next_token_logprobs(model, ids), ids))
+    _add_subset_ce(sums, "ce_spliced", model, subsets, ids, keep_first, prefix)
 
 
 def _add_subset_ce(
@@ -227,10 +366,11 @@ def _add_subset_ce(
     subsets: list[tuple[LoadedSAE, ...]],
     ids: torch.Tensor,
     keep_first: bool,
+    prefix: SharedPrefix | None,
 ) -> None:
     """CE with each subset of the SAEs spliced, summed under ``"<layers>/<key>"`` (layers joined by +)."""
     for subset in subsets:
-        with Splice(model, subset, keep_first):
+        with skipping(model, prefix), Splice(model, subset, keep_first):
             sums.add(f"{_set_key(subset)}/{key}", token_ce(next_token_logprobs(model, ids), ids))
 
 
@@ -246,7 +386,7 @@ def _gap_fields(ce_clean: float, ce_spliced: float, ce_adapted: float | None) ->
 def _summarise(
     mean: dict,
     saes: Sequence[LoadedSAE],
-    stats: dict,
+    stats: dict[int, dict],
     n_pred: int,
     adapter: bool,
     keep_first: bool,
@@ -269,7 +409,7 @@ def _summarise(
             "hook_name": sae.hook_name,
             "layer": sae.layer,
             "d_sae": sae.d_sae,
-            **stats[sae.layer].result(),
+            **stats[sae.layer],
         }
         if len(saes) > 1:
             entry.update(

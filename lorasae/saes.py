@@ -138,6 +138,7 @@ def sae_fingerprint(sae: SAE[Any]) -> str:
 # TopK, k latents, expansion x d_model, at the middle layer unless given) and caches it here.
 DEFAULT_SAE_K = 32
 DEFAULT_SAE_EXPANSION = 8
+DEFAULT_SAE_TOKENS = 150_000  # collected activations (quality and time: README "The default SAE")
 SAE_CONFIG_FILE = "cfg.json"  # sae-lens writes it last: its presence marks a finished SAE
 
 # Makes the default SAE when it is not cached yet (training it); core only locates it. The
@@ -146,11 +147,14 @@ DefaultSaeMaker = Callable[[LoadedModel], Path]
 
 
 def default_sae_dir(
-    layer: int | None = None, k: int = DEFAULT_SAE_K, expansion: int = DEFAULT_SAE_EXPANSION
+    layer: int | None = None,
+    k: int = DEFAULT_SAE_K,
+    expansion: int = DEFAULT_SAE_EXPANSION,
+    tokens: int = DEFAULT_SAE_TOKENS,
 ) -> Path:
     """The cache folder of the default model's SAE with this recipe (``layer`` None: the middle)."""
     where = "mid" if layer is None else f"L{layer}"
-    return data_dir() / "saes" / f"{DEFAULT_MODEL_SLUG}-{where}-topk{k}-x{expansion}"
+    return data_dir() / "saes" / f"{DEFAULT_MODEL_SLUG}-{where}-topk{k}-x{expansion}-{tokens // 1000}k"
 
 
 def resolve_saes(

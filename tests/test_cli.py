@@ -76,12 +76,15 @@ DOCUMENTED_FLAGS = {
     "train": "--model --sae --out --rank --alpha --dropout --target-modules --layers --lr "
              "--weight-decay --grad-clip --batch-size --grad-accum --tokens --max-steps "
              "--max-minutes --eval-every --eval-tokens --checkpoint-every --seed --splice-first "
-             "--resume --corpus --ctx --device --dtype",
+             "--resume --corpus --ctx --device --dtype --lr-schedule --warmup-steps --lr-end --epochs "
+             "--eval-corpus --no-residual-cache --preserve",
     "train-e2e": "--model --sae --init --sparsity-coeff --out --resume --lr --tokens --max-steps "
-                 "--max-minutes --eval-every --corpus --ctx",
+                 "--max-minutes --eval-every --corpus --ctx --lr-schedule --warmup-steps --epochs "
+                 "--eval-corpus --no-residual-cache",
     "compare": "--model --sae --preset --rank --layers --lr --e2e-lr --e2e-init --batch-size "
                "--grad-accum --tokens --max-steps --eval-every --eval-tokens --seed --splice-first "
-               "--corpus --ctx --out",
+               "--corpus --ctx --out --e2e-max-steps --e2e-max-minutes --lr-schedule --warmup-steps "
+               "--eval-corpus",
     "sweep": "--model --sae --sparsity-sae --layer-sae --ranks --rank --steps --batch-size --lr "
              "--e2e-lr --no-e2e --eval-tokens --seed --only --report --corpus --ctx --out",
     "merge": "--model --adapter --out --no-eval --eval-tokens --mc-items --mc-context --mc-choice "

@@ -451,7 +451,7 @@ def test_e2e_max_steps_makes_the_e2e_run_longer(tiny_world, tmp_path, capsys):
             "--max-steps",
             "3",
             "--tokens",
-            "2048",
+            "512",
             "--e2e-init",
             "scratch",
             "--e2e-max-steps",
@@ -464,8 +464,9 @@ def test_e2e_max_steps_makes_the_e2e_run_longer(tiny_world, tmp_path, capsys):
     lora = json.loads((out / "lora" / "metrics.json").read_text())
     e2e = json.loads((out / "e2e" / "metrics.json").read_text())
     assert lora["train"]["steps"] == 3 and e2e["train"]["steps"] == 7
-    assert (lora["config"]["max_steps"], lora["config"]["tokens"]) == (3, 2048)  # the LoRA run as given
-    assert (e2e["config"]["max_steps"], e2e["config"]["tokens"]) == (7, 7 * 4 * CTX)  # steps_budget
+    assert (lora["config"]["max_steps"], lora["config"]["tokens"]) == (3, 512)  # the LoRA run as given
+    # 512 tokens are 4 steps of 4 x 32: the e2e run's 7 steps are 2 epochs over the same tokens
+    assert (e2e["config"]["max_steps"], e2e["config"]["tokens"], e2e["config"]["epochs"]) == (7, 512, 2)
     assert e2e["train"]["tokens"] == 7 * 4 * CTX and e2e["train"]["seconds"] > 0
     assert printed["config"]["e2e_max_steps"] == 7 and printed["config"]["e2e_max_minutes"] is None
     assert printed["e2e"]["train"]["steps"] == 7

@@ -405,6 +405,67 @@ def test_evaluate_splice_sets_reports_every_subset_with_and_without_the_adapter(
         evaluate(peft_model, saes * 3, seqs, adapter=True, progress=False, splice_sets=True)
 
 
+def _count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("splice_sets", [False, True])
+def test_base_numbers_are_cached_and_an_identity_adapter_needs_no_forward(seqs, splice_sets):
+    """The base numbers of an evaluation are the same from the cache as computed; with them
+    cached, an adapter's evaluation runs only its own forwards, and a zero-B adapter none."""
+    from lorasae.metrics import base_key
+    from lorasae.models import model_fingerprint
+
+    model = build_model("llama")
+    saes = [wrap(make_topk_sae(hook_name=f"blocks.{layer}.hook_resid_post", seed=3 + layer), f"L{layer}")
+            for layer in (0, 2)]
+    fingerprint = model_fingerprint(model)
+    key = base_key(fingerprint, saes, seqs, True, splice_sets)
+    assert key != base_key(fingerprint, saes, seqs[:4], True, splice_sets)  # other tokens
+    assert key != base_key(fingerprint, saes[:1], seqs, True, splice_sets)  # other SAEs
+    assert key != base_key(fingerprint, saes, seqs, False, splice_sets)
+    peft_model = peft_wrap(model, "llama", random_b=True)
+    calls = _count_forwards(peft_model)
+    fresh = run(peft_model, saes, seqs, adapter=True, splice_sets=splice_sets)
+    computed = calls[0]
+    cached = run(peft_model, saes, seqs, adapter=True, splice_sets=splice_sets, base_cache=key)  # writes
+    assert calls[0] - computed == computed
+    calls[0] = 0
+    again = run(peft_model, saes, seqs, adapter=True, splice_sets=splice_sets, base_cache=key)  # reads
+    n_batches = math.ceil(N_SEQ / 2)
+    # the shared prefix (stopped at the first SAE), clean, adapted spliced, adapted clean, and each
+    # SAE alone adapted (2 SAEs: every proper subset)
+    assert calls[0] == n_batches * (1 + 3 + 2)
+    assert calls[0] < computed
+    for result in (cached, again):
+        for name in ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_spliced", "ce_adapted_spliced",
+                     "kl_adapted_spliced", "ce_adapted_clean", "gap_closed", "explained_variance", "l0"):
+            assert result[name] == pytest.approx(fresh[name], abs=1e-6), name
+        for got, want in zip(result["splice_sets"], fresh["splice_sets"], strict=True):
+            assert got["layers"] == want["layers"]
+            assert got["ce_adapted_spliced"] == pytest.approx(want["ce_adapted_spliced"], abs=1e-6)
+            assert got["ce_spliced"] == pytest.approx(want["ce_spliced"], abs=1e-6)
+        assert [e["dead_latents"] for e in result["saes"]] == [e["dead_latents"] for e in fresh["saes"]]
+
+    # a zero-B adapter is the base model: its numbers without a forward, equal to measured ones
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    calls[0] = 0
+    identity = run(peft_model, saes, seqs, adapter=True, splice_sets=splice_sets, base_cache=key,
+                   identity_adapter=True)
+    assert calls[0] == 0
+    measured = run(peft_model, saes, seqs, adapter=True, splice_sets=splice_sets)
+    for name in ("ce_adapted_spliced", "ce_adapted_clean", "kl_adapted_spliced", "gap_closed"):
+        assert identity[name] == pytest.approx(measured[name], abs=1e-6), name
+    assert identity["gap_closed"] == 0.0
+    for got, want in zip(identity["saes"], measured["saes"]):
+        assert got["ce_adapted_spliced"] == pytest.approx(want["ce_adapted_spliced"], abs=1e-6)
+
+
 def test_splice_set_table_flags_subsets_worse_than_no_adapter():
     from lorasae.training.eval import splice_set_table
 

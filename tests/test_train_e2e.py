@@ -13,10 +13,10 @@ from tiny_world import CTX
 from lorasae.cli import main
 from lorasae.data import packed_sequences
 from lorasae.metrics import kl_per_token, next_token_logprobs
-from lorasae.models import load_model
+from lorasae.models import final_norm, load_model
 from lorasae.saes import LoadedSAE, load_sae
 from lorasae.splice import Splice
-from lorasae.training.loop import CHECKPOINT_DIR
+from lorasae.training.loop import CHECKPOINT_DIR, StepStart
 from lorasae.training.train_e2e import E2eObjective, E2eTrainConfig, trainable_sae
 
 ONE_PROCESS = types.SimpleNamespace(num_processes=1)
@@ -92,13 +92,13 @@ def test_e2e_lowers_the_kl_and_only_sae_weights_change(world, init):
         return float(kl_per_token(clean, spliced).mean())
 
     before = kl()
-    assert float(objective.loss(objective.module, ids, None)) == pytest.approx(before, rel=1e-4)  # TopK: KL only
+    assert float(objective.loss(objective.module, ids, StepStart())) == pytest.approx(before, rel=1e-4)  # TopK: KL only
     trainable = objective.trainable()
     assert {id(p) for p in trainable} == {id(p) for p in objective.sae.parameters()}
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
     for _ in range(30):
         optimizer.zero_grad()
-        objective.loss(objective.module, ids, None).backward()
+        objective.loss(objective.module, ids, StepStart()).backward()
         optimizer.step()
     after = kl()
     assert after < 0.7 * before, (before, after)
@@ -130,13 +130,21 @@ def test_e2e_step_from_the_shared_prefix_equals_the_full_step(world, kind):
         objective.sae.zero_grad()
         return float(loss.detach()), grads
 
-    full, full_grads = loss_and_grads(None)
-    shared, shared_grads = loss_and_grads(SharedPrefix(1, residual_at(lm.model, 1, ids)))
-    assert full > 0.1 and shared == pytest.approx(full, rel=1e-6)
-    assert full_grads.keys() == shared_grads.keys() and full_grads
+    full, full_grads = loss_and_grads(StepStart())
+    prefix = SharedPrefix(1, residual_at(lm.model, 1, ids))
+    shared, shared_grads = loss_and_grads(StepStart(prefix))
+    finals: list[torch.Tensor] = []  # the teacher's final hidden states, as the cache holds them
+    handle = final_norm(lm.model).register_forward_hook(lambda _m, _a, out: finals.append(out))
+    with torch.no_grad():
+        lm.model(input_ids=ids)
+    handle.remove()
+    cached, cached_grads = loss_and_grads(StepStart(prefix, finals[0]))
+    assert full > 0.1 and shared == pytest.approx(full, rel=1e-6) and cached == pytest.approx(full, rel=1e-6)
+    assert full_grads.keys() == shared_grads.keys() == cached_grads.keys() and full_grads
     for name, grad in full_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5 * float(grad.abs().max()) + 1e-9,
-                                   rtol=1e-5)
+        for other in (shared_grads, cached_grads):
+            torch.testing.assert_close(other[name], grad, atol=1e-5 * float(grad.abs().max()) + 1e-9,
+                                       rtol=1e-5)
 
 
 def test_jumprelu_e2e_has_a_sparsity_term_toward_the_given_l0(world):
@@ -147,7 +155,7 @@ def test_jumprelu_e2e_has_a_sparsity_term_toward_the_given_l0(world):
     ids = packed_sequences(lm.tokenizer, "train", 4 * CTX, CTX, cfg.corpus)[:4]
     with torch.no_grad():
         objective.sae.threshold.zero_()  # every positive pre-activation fires: L0 far above target
-    loss = objective.loss(objective.module, ids, None)
+    loss = objective.loss(objective.module, ids, StepStart())
     with torch.no_grad():
         clean = next_token_logprobs(lm.model, ids)
         with Splice(lm.model, [objective.loaded]):

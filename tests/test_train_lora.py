@@ -35,7 +35,7 @@ from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.manifest import MANIFEST_FILE, AdapterManifest
 from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs
-from lorasae.models import load_model, model_fingerprint
+from lorasae.models import final_norm, load_model, model_fingerprint
 from lorasae.saes import load_sae, sae_fingerprint
 from lorasae.splice import Splice
 from lorasae.training import loop as training_loop
@@ -303,9 +303,9 @@ def test_steps_lower_kl_on_fixed_batch_and_only_lora_gets_gradients(world):
     assert loss1 < 0.95 * float(loss0.detach()), (float(loss0.detach()), loss1)
 
 
-def _loss_and_grads(peft_model, saes, ids, prefix) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(peft_model, saes, ids, prefix, final=None) -> tuple[float, dict[str, torch.Tensor]]:
     torch.manual_seed(123)  # the same LoRA dropout masks for every variant
-    loss = kl_loss(peft_model, peft_model, saes, ids, True, prefix)
+    loss = kl_loss(peft_model, peft_model, saes, ids, True, prefix, final)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
     peft_model.zero_grad()
@@ -315,10 +315,11 @@ def _loss_and_grads(peft_model, saes, ids, prefix) -> tuple[float, dict[str, tor
 @pytest.mark.parametrize("layers", [[1], [1, 2]])
 def test_shared_prefix_and_cached_residual_steps_equal_the_full_step(world, layers):
     """The exact speed-ups of a step: both passes starting after the first SAE's layer, from a
-    residual computed once per step or read from the on-disk cache, give the full step's loss
-    and LoRA gradients (dropout 0.1 on: same masks), with one SAE and with two."""
+    residual computed once per step or read from the on-disk cache, and the teacher from its
+    cached final hidden states, give the full step's loss and LoRA gradients (dropout 0.1 on:
+    same masks), with one SAE and with two."""
     from lorasae.splice import SharedPrefix, residual_at
-    from lorasae.training.residuals import ensure_residuals, load_residuals
+    from lorasae.training.residuals import ensure_residuals, load_clean_final, load_residuals
 
     lm = load_model(str(world.model))
     saes = [load_sae(str(getattr(world, f"sae{layer}")), model=lm.model) for layer in layers]
@@ -337,9 +338,11 @@ def test_shared_prefix_and_cached_residual_steps_equal_the_full_step(world, laye
     full_loss, full_grads = _loss_and_grads(peft_model, saes, ids, None)
     shared = SharedPrefix(first, residual_at(peft_model, first, ids))
     shared_loss, shared_grads = _loss_and_grads(peft_model, saes, ids, shared)
-    cache = ensure_residuals(lm, first, seqs, str(world.corpus))
+    with peft_model.disable_adapter():  # as the loop builds it: the teacher is the clean model
+        cache = ensure_residuals(lm, first, seqs, str(world.corpus), clean_final=True)
     cached = SharedPrefix(first, load_residuals(cache, seqs.shape[0])[rows])
-    cached_loss, cached_grads = _loss_and_grads(peft_model, saes, ids, cached)
+    final = load_clean_final(cache, seqs.shape[0])[rows]
+    cached_loss, cached_grads = _loss_and_grads(peft_model, saes, ids, cached, final)
 
     assert full_loss > 0.1  # a real KL, not a trivially equal zero
     assert shared_loss == pytest.approx(full_loss, rel=1e-6, abs=1e-7)
@@ -350,6 +353,44 @@ def test_shared_prefix_and_cached_residual_steps_equal_the_full_step(world, laye
     assert max_abs_diff(cached_grads, full_grads) <= 1e-5 * scale
     # the stand-ins are gone afterwards: the model computes its own prefix again
     torch.testing.assert_close(residual_at(peft_model, first, ids), shared.residual, atol=1e-6, rtol=0)
+
+
+def test_preserve_term_adds_the_kl_of_the_adapted_model_alone(world):
+    """``--preserve w``: loss = KL(clean || adapted+spliced) + w KL(clean || adapted, no SAE), from
+    one doubled forward; the same loss and gradients as the two passes taken apart (two SAEs,
+    from the shared prefix)."""
+    from lorasae.splice import SharedPrefix, residual_at
+
+    lm = load_model(str(world.model))
+    saes = [load_sae(str(getattr(world, f"sae{layer}")), model=lm.model) for layer in (1, 2)]
+    torch.manual_seed(0)
+    peft_model = wrap_with_lora(lm.model, make_cfg(world, dropout=0.0), saes)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = packed_sequences(lm.tokenizer, "train", 4 * CTX, CTX, str(world.corpus))[:4]
+    prefix = SharedPrefix(1, residual_at(peft_model, 1, ids))
+
+    loss = kl_loss(peft_model, peft_model, saes, ids, True, prefix, None, preserve=0.5)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    peft_model.zero_grad()
+
+    with torch.no_grad(), peft_model.disable_adapter():
+        clean = next_token_logprobs(peft_model, ids)
+    spliced_kl = kl_loss(peft_model, peft_model, saes, ids, True)
+    alone_kl = kl_per_token(clean, next_token_logprobs(peft_model, ids)).mean()
+    (spliced_kl + 0.5 * alone_kl).backward()
+    apart = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    peft_model.zero_grad()
+
+    assert float(alone_kl) > 1e-3 and float(spliced_kl) > float(alone_kl)  # both terms are real
+    assert float(loss) == pytest.approx(float(spliced_kl) + 0.5 * float(alone_kl), rel=1e-5)
+    scale = max(float(g.abs().max()) for g in apart.values())
+    assert max_abs_diff(grads, apart) <= 1e-5 * scale
+    assert float(kl_loss(peft_model, peft_model, saes, ids, True, prefix, None, preserve=0.0)) == (
+        pytest.approx(float(spliced_kl), rel=1e-5))
 
 
 def test_residual_cache_files_reuse_and_rebuild(world, monkeypatch):
@@ -368,6 +409,16 @@ def test_residual_cache_files_reuse_and_rebuild(world, monkeypatch):
     assert (folder / rc.RESIDUALS_FILE).stat().st_size >= record["bytes"] == 8 * CTX * D_MODEL * 4
     assert np.array_equal(np.load(folder / rc.IDS_FILE), seqs.numpy())
     torch.testing.assert_close(rc.load_residuals(folder, 8), residual_at(lm.model, 1, seqs), atol=1e-6, rtol=0)
+    assert not (folder / rc.FINAL_FILE).exists()  # the clean final states only when asked for
+
+    finals: list[torch.Tensor] = []
+    handle = final_norm(lm.model).register_forward_hook(lambda _m, _a, out: finals.append(out))
+    with torch.no_grad():
+        lm.model(input_ids=seqs[:6])
+    handle.remove()
+    rc.ensure_residuals(lm, 1, seqs[:6], str(world.corpus), clean_final=True)
+    assert read_json(folder / rc.FINAL_RECORD_FILE)["rows"] == 6
+    torch.testing.assert_close(rc.load_clean_final(folder, 6), finals[0], atol=1e-5, rtol=0)
 
     def no_forward(*args, **kwargs):
         raise AssertionError("the cache should have served this")
@@ -379,6 +430,17 @@ def test_residual_cache_files_reuse_and_rebuild(world, monkeypatch):
     assert rc.ensure_residuals(lm, 1, other, str(world.corpus)) == folder  # rebuilt for these rows
     torch.testing.assert_close(rc.load_residuals(folder, 8), residual_at(lm.model, 1, other), atol=1e-6, rtol=0)
     assert rc.cache_dir(lm, 2, str(world.corpus), CTX) != folder  # another layer, another cache
+
+
+def test_epochs_pass_over_the_same_tokens_again_in_a_new_order(world, tmp_path):
+    one = make_cfg(world, tokens=4 * 4 * CTX, eval_every=100)  # 16 sequences: 4 steps per epoch
+    first = train_lora(one, tmp_path / "one")
+    two = train_lora(dataclasses.replace(one, epochs=2), tmp_path / "two")
+    assert first["train"]["steps"] == 4 and two["train"]["steps"] == 8
+    assert two["train"]["tokens"] == 8 * 4 * CTX
+    # the first epoch is the one-epoch run, step for step; the second goes on from there
+    assert [h["train_kl"] for h in two["history"][:4]] == [h["train_kl"] for h in first["history"]]
+    assert two["final"]["ce_adapted_spliced"] != first["final"]["ce_adapted_spliced"]
 
 
 def test_lr_schedule_warmup_then_decay():

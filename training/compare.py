@@ -14,13 +14,13 @@ With ``--e2e-init scratch`` the fair LoRA-SAE time also includes training the gi
 its ``lorasae_sae_training.json`` when `lorasae train-sae` made it): ``speedup_including_sae_training``.
 
 ``--e2e-max-steps`` / ``--e2e-max-minutes`` give the e2e run its own, longer, limits. A step limit
-also sets the e2e token budget to that many steps of ``batch_size x ctx`` (so its data are a longer
-seeded draw from the same corpus than LoRA-SAE's). ``max_minutes`` is a run's total training time
+is reached with more epochs over LoRA-SAE's tokens (each epoch in its own seeded order), so both
+runs see the same data and share one residual cache. ``max_minutes`` is a run's total training time
 across re-runs, and a run stopped by it keeps its checkpoint: re-running with a larger
 ``--e2e-max-minutes`` and the same ``--e2e-max-steps`` continues the e2e run where it stopped
 (``reuse_or_train`` in ``loop.py``), so a long from-scratch run (``--e2e-max-steps`` large, minutes
 the real limit) can be spread over several invocations, tightening the lower bound each time. A
-different ``--e2e-max-steps`` is a different token budget, i.e. another run (another ``--out``).
+different ``--e2e-max-steps`` is a different schedule, i.e. another run (another ``--out``).
 
 Runs go to ``<out>/lora`` and ``<out>/e2e``; a finished run is reused, an interrupted one resumed,
 so the command can be re-run after a kill. Results: ``<out>/compare.json`` and ``<out>/compare.png``.
@@ -39,7 +39,7 @@ from lorasae.models import DEFAULT_MODEL
 
 from .loop import LoopConfig, reuse_or_train
 from .plots import plot_compare
-from .presets import CPU_RANK, cpu_loop, steps_budget
+from .presets import CPU_RANK, cpu_loop
 from .train_e2e import E2eTrainConfig, train_e2e
 from .train_lora import AdaptedLayers, LoraTrainConfig, train_lora
 from .train_sae import ensure_default_sae
@@ -66,9 +66,9 @@ class CompareConfig:
     e2e_max_steps: int | None = field(
         default=None,
         metadata={
-            "help": "optimizer steps of the e2e run instead of --max-steps (its token budget becomes "
-            "that many steps of --batch-size x --ctx; keep it when continuing with more minutes): an "
-            "e2e SAE from scratch needs far more steps than LoRA-SAE"
+            "help": "optimizer steps of the e2e run instead of --max-steps, as more epochs over the "
+            "same tokens (keep it when continuing with more minutes): an e2e SAE from scratch needs "
+            "far more steps than LoRA-SAE"
         },
     )
     e2e_max_minutes: float | None = field(
@@ -85,8 +85,10 @@ class CompareConfig:
     def e2e_loop(self) -> LoopConfig:
         """The shared loop with the e2e run's own limits (``e2e_max_steps``, ``e2e_max_minutes``)."""
         loop = self.loop
-        if self.e2e_max_steps is not None:
-            loop = steps_budget(replace(loop, max_steps=self.e2e_max_steps))
+        if self.e2e_max_steps is not None:  # more epochs over LoRA-SAE's tokens (and residual cache)
+            per_epoch = max(1, loop.tokens // loop.ctx // loop.batch_size)
+            epochs = -(-self.e2e_max_steps // per_epoch)
+            loop = replace(loop, max_steps=self.e2e_max_steps, epochs=max(loop.epochs, epochs))
         if self.e2e_max_minutes is not None:
             loop = replace(loop, max_minutes=self.e2e_max_minutes)
         return loop

@@ -25,11 +25,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lorasae.metrics import logprobs_from_hidden
 from lorasae.models import (
     cache_kwarg,
     decoder_layers,
     final_norm,
-    logits_from_hidden,
     output_cache,
     output_head,
 )
@@ -79,11 +79,6 @@ def hidden_and_vocab(model: nn.Module) -> tuple[int, int]:
     # cast: nn.Module attributes are typed Tensor | Module; the head's weight is its [vocab, d] matrix
     vocab, hidden = cast(torch.Tensor, output_head(model).weight).shape
     return hidden, vocab
-
-
-def logprobs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities from final-norm outputs."""
-    return torch.log_softmax(logits_from_hidden(model, hidden), dim=-1)
 
 
 @torch.inference_mode()
@@ -215,7 +210,8 @@ def mean_effect_blocks(
         here = torch.nonzero((latent_of_rows >= first) & (latent_of_rows < first + block)).flatten()
         effects = torch.zeros(latents.numel(), vocab)
         if here.numel():
-            diff = logprobs(model, clean[here].to(device)) - logprobs(model, ablated[here].to(device))
+            clean_lp = logprobs_from_hidden(model, clean[here].to(device))
+            diff = clean_lp - logprobs_from_hidden(model, ablated[here].to(device))
             effects.index_add_(0, latent_of_rows[here] - first, diff.float().cpu())
         used = counts[latents]
         yield latents, effects / used.clamp(min=1)[:, None], used

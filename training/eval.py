@@ -12,7 +12,7 @@ import torch
 from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.manifest import AdapterManifest
-from lorasae.metrics import evaluate
+from lorasae.metrics import base_key, evaluate
 from lorasae.models import LoadedModel, load_model, model_fingerprint
 from lorasae.saes import LoadedSAE, resolve_saes, sae_fingerprint
 
@@ -93,6 +93,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         cfg.keep_first,
         adapter=cfg.adapter is not None,
         splice_sets=cfg.splice_sets,
+        base_cache=base_key(ids["model_fingerprint"], saes, sequences, cfg.keep_first, cfg.splice_sets),
     )
     for entry in result["saes"]:
         entry["fingerprint"] = ids["sae_fingerprints"][entry["id"]]

@@ -4,7 +4,13 @@ Both fit something to ``KL(p_clean || p_spliced)`` on the same packed data with 
 they differ only in *what* trains (LoRA matrices in the model, or the SAE itself) and in what is
 saved at the end. That difference is an ``Objective``; everything else lives here once: accelerate
 (DDP, mixed precision, gradient accumulation), the seeded data order, progress, periodic held-out
-CE, atomic checkpoints and exact ``--resume``, metrics.json and the training plot.
+CE, atomic checkpoints and exact ``--resume``, metrics.json (with ``timings``: where the wall time
+went besides training) and the training plot.
+
+Each step starts from the residual after the objective's ``prefix_layer`` when it has one (layers no
+training reaches): read from the residual cache (``training.residuals``; built on first use, shared
+with `train-sae`) or, with ``residual_cache`` off, computed once per step for both passes. Exact:
+the same loss as running the full model twice (tested). The lr follows ``LoopConfig.lr_at``.
 
 ``batch_size`` is the global number of sequences per optimizer step whatever the number of
 processes or accumulation steps, so results do not depend on the hardware. Checkpoints hold only
@@ -21,6 +27,7 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -45,7 +52,7 @@ from .fields import (
     saes_field,
 )
 from .plots import plot_training
-from .residuals import ensure_residuals, load_residuals
+from .residuals import ensure_residuals, load_clean_final, load_residuals
 from .train_sae import ensure_default_sae
 
 CHECKPOINT_DIR = "checkpoint"
@@ -97,6 +104,9 @@ class LoopConfig:
         default=300_000,
         metadata={"help": "training token budget (one pass over that many train-split tokens)"},
     )
+    epochs: int = field(
+        default=1, metadata={"help": "passes over the training tokens, each in its own seeded order"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     max_minutes: float | None = field(
         default=None, metadata={"help": "stop after this many minutes of training"}
@@ -125,6 +135,8 @@ class LoopConfig:
     dtype: str | None = dtype_field()
 
     def validate(self) -> None:
+        if self.epochs < 1:
+            raise LorasaeError("--epochs must be positive")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise LorasaeError("--batch-size and --grad-accum must be positive")
         if self.batch_size % self.grad_accum:
@@ -150,6 +162,16 @@ class LoopConfig:
         return self.lr * (self.lr_end + (1 - self.lr_end) * shape)
 
 
+@dataclass
+class StepStart:
+    """What a step's passes start from besides the token ids: the residual after the objective's
+    ``prefix_layer`` (both passes skip the layers up to it) and, from the cache, the clean
+    model's final hidden states (the teacher's distribution without its layers)."""
+
+    prefix: SharedPrefix | None = None
+    clean_final: torch.Tensor | None = None
+
+
 class Objective(ABC):
     """What a run trains. Built once the model and SAEs are loaded; owns the trainable module."""
 
@@ -170,10 +192,14 @@ class Objective(ABC):
         None when training reaches the first layer."""
         return None
 
+    def teacher(self) -> AbstractContextManager[object]:
+        """While active, the model computes the clean (teacher) pass: no adapter."""
+        return nullcontext()
+
     @abstractmethod
-    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor, prefix: SharedPrefix | None) -> torch.Tensor:
+    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor, start: StepStart) -> torch.Tensor:
         """Mean per-token KL(clean || spliced and trained) on ``ids``; ``prepared`` may be
-        DDP-wrapped. With ``prefix`` both passes start after ``prefix_layer``."""
+        DDP-wrapped. ``start``: what the passes start from (see ``StepStart``)."""
 
     @abstractmethod
     def heldout_ce(self, sequences: torch.Tensor) -> float:
@@ -285,6 +311,7 @@ class _Run:
     total_steps: int
     state: RunState
     residuals: torch.Tensor | None  # the residual cache of ``train`` (memory-mapped), when used
+    finals: torch.Tensor | None  # and the clean final hidden states of ``train``
     started: float = 0.0  # the wall-clock time at which training time would be 0
 
     @property
@@ -295,15 +322,17 @@ class _Run:
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.ctx
 
-    def prefix(self, rows: torch.Tensor, ids: torch.Tensor) -> SharedPrefix | None:
-        """What the step's passes share: the residual after the objective's ``prefix_layer``,
-        read from the cache or computed once, without grad."""
+    def start(self, rows: torch.Tensor, ids: torch.Tensor) -> StepStart:
+        """What the step's passes share: the residual after the objective's ``prefix_layer`` and the
+        teacher's final hidden states, read from the cache; or the residual computed once, without
+        grad; or nothing (training reaches the first layer)."""
         layer = self.objective.prefix_layer
         if layer is None:
-            return None
-        if self.residuals is not None:
-            return SharedPrefix(layer, self.residuals[rows].to(ids.device))
-        return SharedPrefix(layer, residual_at(self.lm.model, layer, ids))
+            return StepStart()
+        if self.residuals is not None and self.finals is not None:
+            residual, final = self.residuals[rows].to(ids.device), self.finals[rows].to(ids.device)
+            return StepStart(SharedPrefix(layer, residual), final)
+        return StepStart(SharedPrefix(layer, residual_at(self.lm.model, layer, ids)))
 
 
 def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _Run:
@@ -312,6 +341,7 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    called = time.time()
     cfg.validate()
     saved = _prepare_out(out, resume)
     if saved is not None and saved["config"] != asdict(cfg):
@@ -351,16 +381,25 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
     heldout = packed_sequences(
         lm.tokenizer, "heldout", cfg.eval_tokens, cfg.ctx, cfg.eval_corpus or cfg.corpus
     )
-    residuals = None
+    residuals = finals = None
     if objective.prefix_layer is not None and cfg.residual_cache:
-        with accelerator.main_process_first():  # the main process builds the cache, the others read it
-            cached = ensure_residuals(lm, objective.prefix_layer, train, cfg.corpus)
+        # the main process builds the cache, the others read it; the teacher is the clean model
+        with accelerator.main_process_first(), objective.teacher():
+            cached = ensure_residuals(lm, objective.prefix_layer, train, cfg.corpus, clean_final=True)
         residuals = load_residuals(cached, train.shape[0])
+        finals = load_clean_final(cached, train.shape[0])
     prepared, optimizer = accelerator.prepare(objective.module, optimizer)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-    total_steps = train.shape[0] // micro // cfg.grad_accum
+    per_epoch = train.shape[0] // micro // cfg.grad_accum  # steps; the remainder rows sit out
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat(
+        [
+            torch.randperm(train.shape[0], generator=generator)[: per_epoch * cfg.batch_size]
+            for _ in range(cfg.epochs)
+        ]
+    )
+    total_steps = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     if total_steps < 1:
@@ -383,9 +422,14 @@ def _setup(cfg: LoopConfig, build: BuildObjective, out: Path, resume: bool) -> _
         total_steps,
         state,
         residuals,
+        finals,
     )
+    timings = state.metrics.setdefault("timings", {})
+    timings["setup"] = round(time.time() - called, 1)  # loading, data, residual cache (this call)
     if run.main and "start" not in state.metrics:
+        eval_started = time.time()
         state.metrics["start"] = objective.evaluate(heldout)
+        timings["start_eval"] = round(time.time() - eval_started, 1)
         write_json_atomic(out / METRICS_FILE, state.metrics)
     return run
 
@@ -409,7 +453,7 @@ def _train_step(run: _Run) -> float:
             cfg.seed * 1_000_003 + micro_index * accelerator.num_processes + accelerator.process_index
         )
         with accelerator.accumulate(run.prepared), accelerator.autocast():
-            loss = run.objective.loss(run.prepared, ids, run.prefix(rows, ids))
+            loss = run.objective.loss(run.prepared, ids, run.start(rows, ids))
             accelerator.backward(loss)
             if accelerator.sync_gradients:  # the step's last micro-batch
                 accelerator.clip_grad_norm_(run.trainable, cfg.grad_clip)
@@ -436,6 +480,10 @@ def _record(run: _Run, train_kl: float) -> None:
         eval_started = time.time()
         entry["heldout_ce"] = run.objective.heldout_ce(run.heldout)
         run.started += time.time() - eval_started
+        timings = state.metrics["timings"]
+        timings["evals_during_training"] = round(
+            timings.get("evals_during_training", 0.0) + time.time() - eval_started, 1
+        )
     state.history.append(entry)
 
 
@@ -456,7 +504,9 @@ def _finish(run: _Run, stop_reason: str) -> dict:
     state, metrics = run.state, run.state.metrics
     if run.main:
         tokens = state.step * run.tokens_per_step
+        eval_started = time.time()
         metrics["final"] = run.objective.evaluate(run.heldout)
+        metrics["timings"]["final_eval"] = round(time.time() - eval_started, 1)
         metrics["train"] = {
             "steps": state.step,
             "tokens": tokens,

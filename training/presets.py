@@ -14,7 +14,9 @@ from typing import Any
 from .loop import LoopConfig
 
 CPU_RANK = 16
-CPU_LR = 1e-3
+CPU_LR = 2e-3
+CPU_SCHEDULE = "cosine"  # warm-up over the first tenth of the steps, then down to lr_end x CPU_LR
+DEMO_STEPS = 50
 
 
 def steps_budget(loop: LoopConfig) -> LoopConfig:
@@ -25,5 +27,7 @@ def steps_budget(loop: LoopConfig) -> LoopConfig:
 
 
 def cpu_loop(steps: int, **fields: Any) -> LoopConfig:
-    """A CPU-sized run: ``steps`` optimizer steps at ``CPU_LR`` (``fields`` set the rest)."""
-    return steps_budget(LoopConfig(lr=CPU_LR, max_steps=steps, **fields))
+    """A CPU-sized run: ``steps`` optimizer steps at ``CPU_LR`` with ``CPU_SCHEDULE`` (``fields``
+    set the rest)."""
+    schedule = {"lr_schedule": CPU_SCHEDULE, "warmup_steps": max(1, steps // 10)}
+    return steps_budget(LoopConfig(**{"lr": CPU_LR, "max_steps": steps, **schedule, **fields}))

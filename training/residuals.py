@@ -18,6 +18,12 @@ layer, the corpus, the context length and the tokenizer):
   each other), checked id for id; otherwise the cache is rebuilt for the request.
 - ``residuals.json``: model, fingerprint, layer, corpus, ctx, shape, seconds; written last (the
   folder is published atomically, so a killed build leaves no half cache).
+- ``final.npy`` + ``final.json`` (optional, for training): the clean model's final hidden states
+  (the final norm's output, what the unembedding reads) for the first rows, float32
+  ``[rows, ctx, d_model]``, the same size per row as the residuals. The clean model is the
+  teacher of both LoRA-SAE and e2e training and never changes, so its next-token distribution is
+  one head matmul away: the step no longer runs the teacher's layers. Built from the cached
+  residuals (layers after ``L`` only), with the caller's adapter disabled; ``final.json`` last.
 
 Stored in float32, the residuals are the ones the forward computes (up to the last-bit differences
 of batch composition), so a cached step gives the same loss as the full one (``tests/test_train_lora``).
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,14 +42,16 @@ import torch
 from tqdm.auto import tqdm
 
 from lorasae.data import tokenizer_key
-from lorasae.files import publish_dir
-from lorasae.models import LoadedModel, hidden_size, model_fingerprint
+from lorasae.files import publish_dir, write_json_atomic
+from lorasae.models import LoadedModel, final_norm, hidden_size, model_fingerprint
 from lorasae.paths import data_dir
-from lorasae.splice import residual_at
+from lorasae.splice import residual_at, start_after
 
 RESIDUALS_FILE = "residuals.npy"
 IDS_FILE = "ids.npy"
 RECORD_FILE = "residuals.json"  # written last: its presence marks a complete cache
+FINAL_FILE = "final.npy"
+FINAL_RECORD_FILE = "final.json"  # written last: the clean final hidden states are complete
 BATCH = 16  # sequences per forward while building
 
 
@@ -100,16 +109,63 @@ def _build(
 
 
 def ensure_residuals(
-    lm: LoadedModel, layer: int, sequences: torch.Tensor, corpus: str, fingerprint: str | None = None
+    lm: LoadedModel,
+    layer: int,
+    sequences: torch.Tensor,
+    corpus: str,
+    fingerprint: str | None = None,
+    clean_final: bool = False,
 ) -> Path:
     """The cache folder holding the residuals after ``layer`` for ``sequences`` (``[N, ctx]``), built
-    first when no cache covers them. ``fingerprint``: ``lm``'s, when the caller has it (the model
-    may be wrapped by peft by then: LoRA weights do not count)."""
+    first when no cache covers them; with ``clean_final`` also the clean final hidden states of
+    those rows (the caller disables any adapter while this runs). ``fingerprint``: ``lm``'s, when
+    the caller has it (LoRA weights do not count)."""
     fingerprint = fingerprint or model_fingerprint(lm.model)
     folder = cache_dir(lm, layer, corpus, sequences.shape[1], fingerprint)
     if not _covers(folder, sequences):
         _build(lm, layer, sequences, folder, corpus, fingerprint)
+    if clean_final and _final_rows(folder) < sequences.shape[0]:
+        _build_final(lm, layer, sequences, folder)
     return folder
+
+
+def _final_rows(folder: Path) -> int:
+    record = folder / FINAL_RECORD_FILE
+    return int(json.loads(record.read_text())["rows"]) if record.is_file() else 0
+
+
+@torch.no_grad()
+def _build_final(lm: LoadedModel, layer: int, sequences: torch.Tensor, folder: Path) -> None:
+    """The clean final hidden states of ``sequences`` (the cache's first rows), from the cached
+    residuals: only the layers after ``layer`` run."""
+    started = time.time()
+    (folder / FINAL_RECORD_FILE).unlink(missing_ok=True)  # incomplete from here until the record
+    n, ctx = sequences.shape
+    residuals = load_residuals(folder, n)
+    tmp = folder / f".{FINAL_FILE}.tmp"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(residuals.shape))
+    captured: list[torch.Tensor] = []
+    handle = final_norm(lm.model).register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        for start in tqdm(range(0, n, BATCH), desc="caching the clean final hidden states", unit="batch"):
+            ids = sequences[start : start + BATCH].to(lm.device)
+            with start_after(lm.model, layer, residuals[start : start + ids.shape[0]].to(lm.device)):
+                lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            out[start : start + ids.shape[0]] = captured.pop().float().cpu().numpy()
+    finally:
+        handle.remove()
+    out.flush()
+    del out
+    os.replace(tmp, folder / FINAL_FILE)
+    record = {"rows": n, "seconds": round(time.time() - started, 1)}
+    write_json_atomic(folder / FINAL_RECORD_FILE, record)
+
+
+def load_clean_final(folder: Path, n: int) -> torch.Tensor:
+    """The first ``n`` rows of the cached clean final hidden states, memory-mapped like
+    ``load_residuals``."""
+    array = np.load(Path(folder) / FINAL_FILE, mmap_mode="c")
+    return torch.from_numpy(array[:n])
 
 
 def load_residuals(folder: Path, n: int) -> torch.Tensor:

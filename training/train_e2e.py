@@ -26,12 +26,19 @@ import torch
 
 from lorasae.errors import LorasaeError
 from lorasae.files import publish_dir, write_json_atomic
-from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
+from lorasae.metrics import (
+    evaluate,
+    logprobs_from_hidden,
+    mean_kl,
+    next_token_logits,
+    next_token_logprobs,
+    spliced_ce,
+)
 from lorasae.saes import LoadedSAE
-from lorasae.splice import SharedPrefix, replace_outputs, residual_at, skipping
+from lorasae.splice import replace_outputs, residual_at, skipping
 
 from .fields import saes_field
-from .loop import LoopConfig, Objective, run_loop
+from .loop import LoopConfig, Objective, StepStart, run_loop
 
 if TYPE_CHECKING:
     from sae_lens import TrainingSAE
@@ -168,10 +175,14 @@ class E2eObjective(Objective):
         """The model is frozen: layers up to the SAE's are the same in both passes."""
         return self.given.layer
 
-    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor, prefix: SharedPrefix | None) -> torch.Tensor:
-        model = self.lm.model
-        with torch.no_grad(), skipping(model, prefix):
-            clean = next_token_logprobs(model, ids)
+    def loss(self, prepared: torch.nn.Module, ids: torch.Tensor, start: StepStart) -> torch.Tensor:
+        model, prefix = self.lm.model, start.prefix
+        with torch.no_grad():
+            if start.clean_final is not None:
+                clean = logprobs_from_hidden(model, start.clean_final[:, :-1])
+            else:
+                with skipping(model, prefix):
+                    clean = next_token_logprobs(model, ids)
         penalty: list[torch.Tensor] = []
         first = 1 if self.cfg.keep_first else 0
 
@@ -187,8 +198,8 @@ class E2eObjective(Objective):
             skipping(model, prefix),
             replace_outputs(model, {self.given.layer: reconstruct}, self.cfg.keep_first),
         ):
-            student = next_token_logprobs(model, ids)
-        return kl_per_token(clean, student).mean() + penalty[0]
+            student = next_token_logits(model, ids)
+        return mean_kl(clean, student) + penalty[0]
 
     def heldout_ce(self, sequences: torch.Tensor) -> float:
         return spliced_ce(self.lm.model, [self.loaded], sequences, keep_first=self.cfg.keep_first)

@@ -23,7 +23,15 @@ import torch
 from lorasae.errors import LorasaeError
 from lorasae.files import publish_dir
 from lorasae.manifest import MANIFEST_FILE, AdapterManifest, SaeEntry
-from lorasae.metrics import evaluate, kl_per_token, next_token_logprobs, spliced_ce
+from lorasae.metrics import (
+    base_key,
+    evaluate,
+    logprobs_from_hidden,
+    mean_kl,
+    next_token_logits,
+    next_token_logprobs,
+    spliced_ce,
+)
 from lorasae.models import decoder_layers, model_fingerprint
 from lorasae.saes import LoadedSAE
 from lorasae.splice import SharedPrefix, Splice, skipping
@@ -51,6 +59,13 @@ class LoraTrainConfig(LoopConfig):
         default="after",
         metadata={"help": "adapt only the layers after the first SAE (the paper's main runs) or all"},
     )
+    preserve: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of KL(clean || adapted model without the SAEs) added to the loss: keeps "
+            "the model alone close to clean (0: the paper's loss)"
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +73,8 @@ class LoraTrainConfig(LoopConfig):
             raise LorasaeError("--layers must be 'after' or 'all'")
         if self.rank < 1:
             raise LorasaeError("--rank must be positive")
+        if not 0 <= self.preserve <= 100:
+            raise LorasaeError("--preserve must be within [0, 100]")
 
 
 def lora_layers(cfg: LoraTrainConfig, saes: list[LoadedSAE], n_layers: int) -> list[int] | None:
@@ -96,16 +113,34 @@ def kl_loss(
     ids: torch.Tensor,
     keep_first: bool,
     prefix: SharedPrefix | None = None,
+    clean_final: torch.Tensor | None = None,
+    preserve: float = 0.0,
 ) -> torch.Tensor:
     """Mean per-token KL(clean || adapted+spliced); ``model`` may be the DDP-wrapped ``peft_model``.
 
     With ``prefix`` (the residual after a layer no LoRA precedes) both passes start after it: the
-    same loss, without running layers ``0..prefix.layer`` twice (or at all, from the cache)."""
-    with torch.no_grad(), peft_model.disable_adapter(), skipping(peft_model, prefix):
-        clean = next_token_logprobs(peft_model, ids)
-    with skipping(peft_model, prefix), Splice(peft_model, saes, keep_first):  # the splice hooks the stand-in
-        student = next_token_logprobs(model, ids)
-    return kl_per_token(clean, student).mean()
+    same loss, without running layers ``0..prefix.layer`` twice (or at all, from the cache). With
+    ``clean_final`` (the clean model's cached final hidden states) the teacher is its head alone.
+    With ``preserve`` > 0 the loss adds ``preserve`` x KL(clean || adapted without SAEs), from the
+    same forward: the batch runs twice side by side, its second copy keeping every activation
+    (``Splice``'s ``keep``), so DDP sees one forward."""
+    with torch.no_grad(), peft_model.disable_adapter():
+        if clean_final is not None:
+            clean = logprobs_from_hidden(peft_model, clean_final[:, :-1])
+        else:
+            with skipping(peft_model, prefix):
+                clean = next_token_logprobs(peft_model, ids)
+    if not preserve:
+        with skipping(peft_model, prefix), Splice(peft_model, saes, keep_first):  # hooks the stand-in
+            return mean_kl(clean, next_token_logits(model, ids))
+    n = ids.shape[0]
+    keep = torch.zeros(2 * n, ids.shape[1], dtype=torch.bool, device=ids.device)
+    keep[n:] = True  # the second copy: no SAE anywhere
+    keep[:, 0] |= keep_first
+    doubled = None if prefix is None else SharedPrefix(prefix.layer, torch.cat([prefix.residual] * 2))
+    with skipping(peft_model, doubled), Splice(peft_model, saes, keep_first, keep=keep):
+        logits = next_token_logits(model, torch.cat([ids, ids]))
+    return mean_kl(clean, logits[:n]) + preserve * mean_kl(clean, logits[n:])
 
 
 class LoraObjective(Objective):
@@ -127,15 +162,42 @@ class LoraObjective(Objective):
         """With LoRA only after the first SAE, layers up to it are the base model's in both passes."""
         return None if self.cfg.layers == "all" else min(s.layer for s in self.saes)
 
-    def loss(self, prepared, ids, prefix):
-        return kl_loss(prepared, self.peft_model, self.saes, ids, self.cfg.keep_first, prefix)
+    def teacher(self):
+        return self.peft_model.disable_adapter()
+
+    def loss(self, prepared, ids, start):
+        return kl_loss(
+            prepared,
+            self.peft_model,
+            self.saes,
+            ids,
+            self.cfg.keep_first,
+            start.prefix,
+            start.clean_final,
+            self.cfg.preserve,
+        )
 
     def heldout_ce(self, sequences):
         return spliced_ce(self.peft_model, self.saes, sequences, keep_first=self.cfg.keep_first)
 
     def evaluate(self, sequences):
-        result = evaluate(self.peft_model, self.saes, sequences, keep_first=self.cfg.keep_first, adapter=True)
+        """Held-out metrics; the base numbers come from the evaluation cache when an earlier run
+        computed them, and a fresh adapter (LoRA B = 0) needs no forward of its own."""
+        result = evaluate(
+            self.peft_model,
+            self.saes,
+            sequences,
+            keep_first=self.cfg.keep_first,
+            adapter=True,
+            base_cache=base_key(self.base_fingerprint, self.saes, sequences, self.cfg.keep_first),
+            identity_adapter=self.adapter_is_identity(),
+            unadapted_prefix=self.prefix_layer is not None,
+        )
         return {**result, "heldout_ce": result["ce_adapted_spliced"]}
+
+    def adapter_is_identity(self) -> bool:
+        """Every LoRA B matrix is zero (peft's initialisation): the adapter adds exactly nothing."""
+        return all(not p.any() for name, p in self.peft_model.named_parameters() if "lora_B" in name)
 
     def state_dict(self):
         from peft import get_peft_model_state_dict
@@ -186,7 +248,10 @@ def _finish(
             "ctx": cfg.ctx,
             "seed": cfg.seed,
             "corpus": cfg.corpus,
-            "loss": "kl_clean_vs_adapted_spliced_token_mean",
+            "loss": "kl_clean_vs_adapted_spliced_token_mean"
+            + (f" + {cfg.preserve} x kl_clean_vs_adapted_token_mean" if cfg.preserve else ""),
+            "lr_schedule": cfg.lr_schedule,
+            "warmup_steps": cfg.warmup_steps,
         },
         eval_before=_headline(metrics["start"]),
         eval_after=_headline(metrics["final"]),

@@ -23,7 +23,13 @@ from lorasae.data import packed_sequences
 from lorasae.errors import LorasaeError
 from lorasae.files import publish_dir, write_json_atomic
 from lorasae.models import LoadedModel, decoder_layers, hidden_size, load_model
-from lorasae.saes import DEFAULT_SAE_EXPANSION, DEFAULT_SAE_K, SAE_CONFIG_FILE, default_sae_dir
+from lorasae.saes import (
+    DEFAULT_SAE_EXPANSION,
+    DEFAULT_SAE_K,
+    DEFAULT_SAE_TOKENS,
+    SAE_CONFIG_FILE,
+    default_sae_dir,
+)
 
 from .fields import corpus_field, ctx_field
 from .residuals import cache_seconds, ensure_residuals, load_residuals
@@ -39,7 +45,8 @@ class SaeTrainingConfig:
     expansion: int = field(default=DEFAULT_SAE_EXPANSION, metadata={"help": "d_sae / d_model"})
     k: int = field(default=DEFAULT_SAE_K, metadata={"help": "active latents per token (TopK)"})
     tokens: int = field(
-        default=400_000, metadata={"help": "training activations collected (BOS positions excluded)"}
+        default=DEFAULT_SAE_TOKENS,
+        metadata={"help": "training activations collected (BOS positions excluded)"},
     )
     ctx: int = ctx_field()
     epochs: int = field(default=2, metadata={"help": "passes over the collected activations"})
@@ -59,7 +66,7 @@ class SaeTrainingConfig:
 
     def default_dir(self) -> Path:
         """Where the embedded default model's SAE trained with this recipe is cached."""
-        return default_sae_dir(self.layer, self.k, self.expansion)
+        return default_sae_dir(self.layer, self.k, self.expansion, self.tokens)
 
 
 def _epochs(acts: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
