@@ -21,7 +21,7 @@ from lorasae.paths import data_dir
 from lorasae.saes import load_sae, sae_fingerprint
 
 from .loop import CHECKPOINT_DIR, METRICS_FILE
-from .presets import CPU_RANK, DEMO_STEPS, cpu_loop
+from .presets import CPU_RANK, DEMO_EVAL_TOKENS, DEMO_STEPS, cpu_loop
 from .train_lora import LoraTrainConfig, train_lora
 from .train_sae import SAE_TRAINING_FILE, ensure_default_sae
 
@@ -65,7 +65,15 @@ def format_timings(rows: list[tuple[str, float | None]], total: float) -> str:
 
 def demo_config(cfg: DemoConfig, sae_dir: str) -> LoraTrainConfig:
     return LoraTrainConfig(
-        **asdict(cpu_loop(cfg.steps, saes=[sae_dir], max_minutes=cfg.max_minutes, eval_every=25)),
+        **asdict(
+            cpu_loop(
+                cfg.steps,
+                saes=[sae_dir],
+                max_minutes=cfg.max_minutes,
+                eval_every=cfg.steps,  # the start and the end only
+                eval_tokens=DEMO_EVAL_TOKENS,
+            )
+        ),
         rank=CPU_RANK,
     )
 

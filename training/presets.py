@@ -17,6 +17,7 @@ CPU_RANK = 16
 CPU_LR = 2e-3
 CPU_SCHEDULE = "cosine"  # warm-up over the first tenth of the steps, then down to lr_end x CPU_LR
 DEMO_STEPS = 50
+DEMO_EVAL_TOKENS = 8192  # held-out tokens of the demo's before/after table (half `lorasae eval`'s)
 
 
 def steps_budget(loop: LoopConfig) -> LoopConfig:
