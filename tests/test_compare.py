@@ -72,21 +72,23 @@ def test_summarise_speedup_from_synthetic_curves():
     assert never["speedup"] is None and "did not reach" in never["note"]
 
 
-@pytest.fixture(scope="module")
-def compared(tiny_world, tmp_path_factory):
-    loop = LoopConfig(
+def _tiny_loop(tiny_world, **fields) -> LoopConfig:
+    """The tiny world's loop settings shared by the runs here (``fields``: the rest)."""
+    return LoopConfig(
         model=str(tiny_world.model),
         saes=[str(tiny_world.sae1)],
         corpus=str(tiny_world.corpus),
         ctx=CTX,
         batch_size=4,
-        tokens=4096,
-        max_steps=12,
-        eval_every=3,
         eval_tokens=256,
         lr=1e-2,
-        checkpoint_every=4,
+        **fields,
     )
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_world, tmp_path_factory):
+    loop = _tiny_loop(tiny_world, tokens=4096, max_steps=12, eval_every=3, checkpoint_every=4)
     cfg = CompareConfig(loop=loop, rank=4, e2e_lr=1e-2)
     out = tmp_path_factory.mktemp("compare")
     return cfg, out, run_compare(cfg, out)
@@ -494,19 +496,7 @@ def test_compare_continues_an_e2e_run_stopped_by_time(tiny_world, tmp_path, monk
     """--e2e-max-minutes stops the e2e run (after its first step here) and keeps its checkpoint;
     run again with more time and the e2e run goes on from step 1 to its step limit, the LoRA run
     reused."""
-    loop = LoopConfig(
-        model=str(tiny_world.model),
-        saes=[str(tiny_world.sae1)],
-        corpus=str(tiny_world.corpus),
-        ctx=CTX,
-        batch_size=4,
-        tokens=1024,
-        max_steps=2,
-        eval_every=1,
-        eval_tokens=256,
-        lr=1e-2,
-        checkpoint_every=10,
-    )
+    loop = _tiny_loop(tiny_world, tokens=1024, max_steps=2, eval_every=1, checkpoint_every=10)
     out = tmp_path / "continued"
     first_cfg = CompareConfig(
         loop=loop, rank=4, e2e_lr=1e-2, e2e_init="scratch", e2e_max_steps=3, e2e_max_minutes=1e-6

@@ -131,6 +131,6 @@ def _timings(
         ("adapter: loading model, data, teacher cache", now(adapter_now, run.get("setup"))),
         ("adapter: base evaluation (clean, spliced, zero-ablated)", now(adapter_now, run.get("start_eval"))),
         ("adapter: training", now(adapter_now, metrics["train"]["seconds"])),
-        ("adapter: held-out CE during training", now(adapter_now, run.get("evals_during_training"))),
+        ("adapter: held-out CE during training", now(adapter_now, run.get("evals_during_training", 0.0))),
         ("adapter: final evaluation", now(adapter_now, run.get("final_eval"))),
     ]
