@@ -289,7 +289,11 @@ def summarise(cfg: CompareConfig, lora: dict, e2e: dict, sae_seconds: float | No
 
 
 def _speed(x: float | None, bound: bool) -> str:
-    return "no speed-up" if x is None else f"{'>= ' if bound else ''}{x:.1f}x"
+    if x is None:
+        return "no speed-up"
+    if x == float("inf"):
+        return "unbounded (LoRA-SAE starts there)"
+    return f"{'>= ' if bound else ''}{x:.1f}x"
 
 
 def format_compare(result: dict) -> str:

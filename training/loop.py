@@ -126,8 +126,9 @@ class LoopConfig:
     residual_cache: bool = field(
         default=True,
         metadata={
-            "help": "start each step from the residual cache after the first SAE's layer (exact; "
-            "see training/residuals.py): off, the shared prefix is recomputed every step"
+            "help": "without it, steps recompute the shared prefix instead of reading the residual "
+            "after the first SAE's layer and the teacher's final states from the cache (exact either "
+            "way; training/residuals.py)"
         },
     )
     keep_first: bool = keep_first_field()
