@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml clients/pyproject.toml constraints.txt Makefile
 	# the viewer's browser test drives Debian's chromium (Playwright's own browser downloads are not used)
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	# the shared-registry tests start a real PostgreSQL server (Debian's; initdb/pg_ctl, run as postgres)
+	[ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || [ "$$(id -u)" != 0 ] || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
 	touch $@
 
 install: $(STAMP)

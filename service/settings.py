@@ -68,6 +68,23 @@ class Settings(BaseSettings):
         json_schema_extra={"flag": "--db"},
         description="SQLite registry (default: <adapter_root>/registry.sqlite3)",
     )
+    registry: str | None = Field(
+        None,
+        description="a PostgreSQL registry shared by several servers (postgresql://user@host/db; "
+        "password from ~/.pgpass or PGPASSWORD, never on the command line); default: the SQLite --db",
+    )
+    registry_poll_s: float = Field(
+        1.0, gt=0, le=3600, description="how often a server sharing a PostgreSQL registry reads the others' changes"
+    )
+    max_loaded_adapters: int = Field(
+        16,
+        ge=1,
+        description="adapters held in the model at once; the others load on first use and the least "
+        "recently used one is evicted (also: most adapters mixed in one forward)",
+    )
+    max_cpu_adapters: int = Field(
+        0, ge=0, description="evicted adapters kept in host memory (CPU tier) before falling back to disk"
+    )
     api_key_env: str | None = Field(None, description="env var holding the admin bearer key")
     api_key: SecretStr | None = Field(
         None,
@@ -125,7 +142,14 @@ class Settings(BaseSettings):
         if self.db_path is None:
             self.db_path = self.adapter_root / "registry.sqlite3"
         self.db_path = Path(self.db_path).expanduser()
+        if self.registry is not None and not self.registry.startswith(("postgresql://", "postgres://")):
+            raise ValueError("registry must be a postgresql:// URL (the SQLite registry is --db)")
         return self
+
+    @property
+    def shared_registry(self) -> bool:
+        """Whether several servers share the registry (and the adapter root): PostgreSQL."""
+        return self.registry is not None
 
     def is_loopback(self) -> bool:
         """Whether ``host`` only accepts connections from this machine."""
