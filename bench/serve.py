@@ -14,6 +14,8 @@ Measures, on one loaded model (same process, real HTTP on 127.0.0.1 through uvic
 4. hot swap: extra latency of a one-row forward when the adapter changes from the previous request
    (peft's per-row ``adapter_names``: nothing moves) vs reloading the adapter from disk
    (validate + load its files into the model, what a server without hot swap does per switch).
+5. residency: a one-row forward whose adapter is in the model (hot), in the CPU tier (moved into
+   the model first) or evicted to disk (its files read, checked and loaded first).
 Targets (issue 5): served/bare >= 0.8, served/naive >= 3, hot swap <= 5 ms.
 """
 
@@ -167,9 +169,11 @@ def naive_app(engine):
     @app.post("/v1/features")
     def features(body: dict) -> Response:  # sync: runs in the threadpool, like a plain Flask view
         results = []
+        adapter = body.get("adapter")
+        generation = engine.adapters[adapter].generation if adapter else 0
         for ids in body["inputs"]:
             with lock:
-                out = engine.run_batch([Row(ids, body.get("adapter"), layers, body.get("top_k", 8))])[0]
+                out = engine.run_batch([Row(ids, adapter, layers, body.get("top_k", 8), generation=generation)])[0]
             results.append({"tokens": render_tokens(engine, out)})
         return Response(json.dumps({"model": engine.model_id, "adapter": body.get("adapter"),
                                     "saes": engine.sae_info(), "results": results}),
@@ -238,7 +242,9 @@ def run(args) -> dict:
         layers = tuple(s.layer for s in engine.saes)
 
         def forward(adapter):
-            engine.run_batch([Row(one, adapter, layers, args.top_k)])
+            generation = engine.adapters[adapter].generation if adapter else 0
+            out = engine.run_batch([Row(one, adapter, layers, args.top_k, generation=generation)])[0]
+            assert not isinstance(out, Exception), out
             sync()
 
         forward("A")
@@ -252,6 +258,20 @@ def run(args) -> dict:
             sync()
 
         reload_ms = _median_ms(reload, max(3, args.swap_reps // 4))
+
+        # 5. residency: a one-row forward whose adapter is in the model, in the CPU tier, on disk
+        def first_use(tier: str) -> float:
+            engine.residency.max_cpu = 1 if tier == "cpu" else 0
+            engine.evict("A")
+            where = engine.residency.where("A")
+            assert where == tier, (where, tier, engine.residency.snapshot())
+            started = time.perf_counter()
+            forward("A")
+            return (time.perf_counter() - started) * 1000
+
+        first_ms = {"hot": same}
+        for tier in ("cpu", "disk"):
+            first_ms[tier] = statistics.median(first_use(tier) for _ in range(max(3, args.swap_reps // 4)))
     served_tps = n_tokens / served_s
 
     # 3. naive server: one hooked forward per request
@@ -303,6 +323,7 @@ def run(args) -> dict:
         "hot_swap_ms": round(swap_ms, 3), "reload_from_disk_ms": round(reload_ms, 3),
         # below ~0.05 ms the difference of two medians is noise: no ratio then
         "reload_vs_hot_swap": round(reload_ms / swap_ms, 1) if swap_ms >= 0.05 else None,
+        "first_request_ms": {tier: round(ms, 3) for tier, ms in first_ms.items()},
     }
 
 
@@ -319,6 +340,8 @@ def print_table(r: dict) -> None:
         ("one-row forward, adapter switched (ms)", f"{r['forward_alternating_adapter_ms']:.2f}", ""),
         ("hot-swap overhead (ms)", f"{r['hot_swap_ms']:.2f}", "<= 5 ms"),
         ("reload adapter from disk (ms)", f"{r['reload_from_disk_ms']:.2f}", ""),
+        *((f"one-row forward, adapter {where} (ms)", f"{r['first_request_ms'][tier]:.2f}", "")
+          for tier, where in (("hot", "in the model"), ("cpu", "in the CPU tier"), ("disk", "on disk"))),
     ]
     print(f"model {r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} threads), SAEs {r['saes']}; {r['clients']} clients, "
           f"{r['requests']} requests x {r['tokens_per_request']} tokens, {r['batches']} batches "

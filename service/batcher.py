@@ -2,10 +2,12 @@
 
 Each input sequence is one queued row. The batcher takes the oldest row, waits at most
 ``max_wait_ms`` from that row's arrival for more rows that can share its forward (same spliced SAEs;
-adapters may differ: peft mixes them per row), up to ``max_batch`` rows and ``max_batch_tokens``
-padded tokens, and runs the batch on the engine thread. While a batch runs the next one gathers.
-The queue is bounded in rows: past ``max_queue`` a request is refused at once (429 + Retry-After),
-so memory never grows without bound.
+adapters may differ: peft mixes them per row), up to ``max_batch`` rows, ``max_batch_tokens``
+padded tokens and ``max_adapters`` distinct adapters (the most the model holds at once: rows past
+it wait for the next batch), and runs the batch on the engine thread. Queued rows pin their
+adapters, so loading another batch's adapters evicts them last (``residency``). While a batch
+runs the next one gathers. The queue is bounded in rows: past ``max_queue`` a request is refused
+at once (429 + Retry-After), so memory never grows without bound.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queue: int,
+        max_adapters: int | None = None,
         retry_after_s: int = 1,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.max_adapters = max_adapters or engine.residency.max_hot
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -100,6 +104,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         items = [_Item(row, loop.create_future()) for row in rows]
+        adapters = [row.adapter for row in rows]
+        self.engine.residency.pin(adapters)
         self._pending.extend(items)
         self._set_depth()
         wakeup.set()
@@ -109,6 +115,8 @@ class Batcher:
             for item in items:
                 item.future.cancel()
             raise
+        finally:
+            self.engine.residency.unpin(adapters)
         return list(results)
 
     # ------------------------------------------------------------ loop
@@ -117,8 +125,11 @@ class Batcher:
         if self.metrics:
             self.metrics.queue_depth.set(len(self._pending))
 
-    def _fits(self, batch: list[_Item], item: _Item, width: int) -> bool:
+    def _fits(self, batch: list[_Item], item: _Item, width: int, adapters: set[str]) -> bool:
         if len(batch) >= self.max_batch:
+            return False
+        adapter = item.row.adapter
+        if adapter is not None and adapter not in adapters and len(adapters) >= self.max_adapters:
             return False
         new_width = max(width, len(item.row.ids))
         return (len(batch) + 1) * new_width <= self.max_batch_tokens
@@ -131,14 +142,17 @@ class Batcher:
             return []
         first = self._pending.popleft()
         batch, width = [first], len(first.row.ids)
+        adapters: set[str] = set() if first.row.adapter is None else {first.row.adapter}
         keep: deque[_Item] = deque()
         while self._pending:
             item = self._pending.popleft()
             if item.future.done():
                 continue
-            if item.row.key == first.row.key and self._fits(batch, item, width):
+            if item.row.key == first.row.key and self._fits(batch, item, width, adapters):
                 batch.append(item)
                 width = max(width, len(item.row.ids))
+                if item.row.adapter is not None:
+                    adapters.add(item.row.adapter)
             else:
                 keep.append(item)
         self._pending = keep

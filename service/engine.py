@@ -3,7 +3,10 @@
 Everything that touches weights runs on one dedicated thread (``Engine.call``), so a forward never
 overlaps an adapter being loaded or deleted. Adapters live in one peft model as named adapters and
 each row of a batch picks its own (peft's ``adapter_names``, ``"__base__"`` = no adapter): choosing
-an adapter is a hot swap, no weights move. With no adapter registered the plain model runs.
+a loaded adapter is a hot swap, no weights move. Registered is not loaded: at most
+``max_loaded_adapters`` are in the model, the others wait in host memory or on disk and are loaded
+by the first batch that needs them, evicting the least recently used (``residency.Residency``).
+With no adapter loaded the plain model runs.
 
 A batch: right-pad the rows (causal attention never lets a real token see the padding that follows
 it, so no attention mask is needed and the real positions are exact), splice the SAEs with
@@ -19,10 +22,11 @@ import itertools
 import logging
 import math
 import threading
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,6 +41,7 @@ from lorasae_client.schemas import BASE_ADAPTER
 
 from .adapter_config import read_lora_config
 from .errors import ServiceError, shown
+from .residency import Residency
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -90,15 +95,19 @@ class ValidatedAdapter:
     layers: tuple[int, ...]  # layers of the SAEs it was trained with
     manifest: Any  # lorasae.manifest.AdapterManifest
     fingerprint: str  # of the weights (lorasae.manifest.adapter_fingerprint): ties dashboards to it
+    directory: Path  # the folder it was read from (read again when it was evicted from memory)
     # SAE layers spliced -> held-out CE its training measured (``measured_splice_sets``)
     splice_sets: dict[tuple[int, ...], dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
 class AdapterSlot:
+    """A registered adapter as requests see it, whether or not its weights are loaded."""
+
     layers: tuple[int, ...]
     generation: int  # unique per registration: a name deleted and registered again gets a new one
     fingerprint: str  # of the weights: picks the dashboards made through this adapter
+    directory: Path
     splice_sets: dict[tuple[int, ...], dict[str, float | None]] = field(default_factory=dict)
 
 
@@ -108,6 +117,8 @@ class Engine:
     saes: list[LoadedSAE]
     keep_first: bool = True
     names: dict[int, str] = field(default_factory=dict)  # layer -> public SAE id
+    max_loaded_adapters: int = 16
+    max_cpu_adapters: int = 0
 
     def __post_init__(self) -> None:
         check_distinct_layers(self.saes)
@@ -118,7 +129,12 @@ class Engine:
         self.base = self.lm.model
         self.base.eval()
         self.peft: PeftModel | None = None  # once an adapter is loaded
-        self.adapters: dict[str, AdapterSlot] = {}
+        self.adapters: dict[str, AdapterSlot] = {}  # registered (and valid), loaded or not
+        # which of them are in the model / in host memory; the CPU tier keeps the weights
+        self.residency: Residency[ValidatedAdapter] = Residency(
+            self.max_loaded_adapters, self.max_cpu_adapters
+        )
+        self._loaded: dict[str, ValidatedAdapter] = {}  # hot ones, without their weights
         self.model_fingerprint = model_fingerprint(self.base)
         # the plain model's module names, for checking which modules an adapter config targets
         self._module_names = tuple(name for name, _ in self.base.named_modules() if name)
@@ -142,7 +158,13 @@ class Engine:
         alone: whoever runs the server applies ``settings.torch_threads``."""
         lm = load_model(settings.model, settings.device, settings.dtype)
         saes = resolve_saes(lm, list(settings.saes), settings.model, make_default_sae)
-        return cls(lm, saes, keep_first=settings.keep_first)
+        return cls(
+            lm,
+            saes,
+            keep_first=settings.keep_first,
+            max_loaded_adapters=settings.max_loaded_adapters,
+            max_cpu_adapters=settings.max_cpu_adapters,
+        )
 
     @property
     def model_id(self) -> str:
@@ -232,6 +254,12 @@ class Engine:
                 )
             else:
                 live.append(i)
+        failed = self._make_resident({a for i in live if (a := rows[i].adapter) is not None})
+        for i in live:
+            adapter = rows[i].adapter
+            if adapter is not None and adapter in failed:
+                out[i] = failed[adapter]
+        live = [i for i in live if out[i] is None]
         if live:
             results = self._forward([rows[i] for i in live])
             for i, res in zip(live, results):
@@ -350,6 +378,7 @@ class Engine:
             layers=layers,
             manifest=manifest,
             fingerprint=adapter_fingerprint(state),
+            directory=directory,
             splice_sets=measured_splice_sets(manifest.eval_after),
         )
 
@@ -415,17 +444,115 @@ class Engine:
                 f"{len(unfilled)} modules not targeted {unfilled[:3]}",
             )
 
-    def add_adapter(self, name: str, adapter: ValidatedAdapter) -> None:
-        """Load a validated adapter into the one peft model under ``name`` (engine thread).
+    def add_adapter(self, name: str, adapter: ValidatedAdapter, hot: bool = True) -> None:
+        """Register a validated adapter under ``name`` (engine thread): with ``hot``, load it into
+        the model now (evicting the least recently used one when the model is full), else keep it
+        in the CPU tier when that has room, or leave it on disk until a batch needs it.
 
         Raises ServiceError 409 when peft finds that it does not fit the model. Any other failure
         (out of memory, a bug) propagates as it is, for a logged 500; either way the adapter is
         taken out again first, so the model is as it was before the call.
         """
-        from peft import PeftModel, set_peft_model_state_dict
-
         if name in self.adapters:
             raise ServiceError(409, "duplicate_adapter", f"adapter {name!r} is already loaded")
+        if hot:
+            for victim in self.residency.victims([name]):
+                self.evict(victim)
+            self._insert(name, adapter)
+        else:
+            self.residency.keep_in_cpu(name, adapter)
+        self.adapters[name] = AdapterSlot(
+            layers=adapter.layers,
+            generation=next(self._generations),
+            fingerprint=adapter.fingerprint,
+            directory=adapter.directory,
+            splice_sets=adapter.splice_sets,
+        )
+
+    def resident(self) -> list[str]:
+        """Names of the adapters in the model, least recently used first."""
+        return list(self.residency.hot)
+
+    def make_resident(self, names: Collection[str]) -> None:
+        """Load the registered adapters ``names`` into the model (engine thread), evicting others;
+        raises the first one's ServiceError when one cannot be loaded (404 unknown, 409 files
+        changed or gone since registration)."""
+        for error in self._make_resident(set(names)).values():
+            raise error
+
+    def _make_resident(self, names: set[str]) -> dict[str, ServiceError]:
+        """``make_resident`` that returns the adapters that could not be loaded, with the reason,
+        and loads the others."""
+        failed: dict[str, ServiceError] = {}
+        for name in names - set(self.adapters):
+            failed[name] = ServiceError(404, "unknown_adapter", f"adapter {shown(name)} is not registered")
+        wanted = [n for n in sorted(names) if n in self.adapters]
+        self.residency.stats.hits += sum(1 for n in wanted if n in self.residency.hot)
+        # read what is missing before evicting anything: from the CPU tier (taken out of it first,
+        # as evictions push others out of it) or its checked files; what fails evicts nothing
+        ready: dict[str, tuple[str, ValidatedAdapter]] = {}
+        for name in wanted:
+            if name in self.residency.cpu:
+                ready[name] = ("cpu", self.residency.cpu.pop(name))
+            elif name not in self.residency.hot:
+                started = time.perf_counter()
+                try:
+                    ready[name] = ("disk", self._reread(name))
+                except ServiceError as exc:
+                    failed[name] = exc
+                self.residency.stats.load_seconds["disk"] += time.perf_counter() - started
+        wanted = [n for n in wanted if n not in failed]
+        for victim in self.residency.victims(wanted):
+            self.evict(victim)
+        for name, (tier, adapter) in ready.items():
+            started = time.perf_counter()
+            try:
+                self._insert(name, adapter)
+            except ServiceError as exc:
+                failed[name] = exc
+                continue
+            self.residency.stats.load_seconds[tier] += time.perf_counter() - started
+            self.residency.stats.loads[tier] += 1
+        self.residency.touch(wanted)
+        return failed
+
+    def _reread(self, name: str) -> ValidatedAdapter:
+        """An evicted adapter's files read and checked again; refused when they are not the
+        weights that were registered (changed or gone since)."""
+        slot = self.adapters[name]
+        try:
+            adapter = self.validate_adapter(slot.directory)
+        except ServiceError as exc:
+            raise ServiceError(
+                409, "adapter_unavailable", f"adapter {shown(name)} could not be loaded again: {exc.message}"
+            ) from exc
+        if adapter.fingerprint != slot.fingerprint:
+            raise ServiceError(
+                409,
+                "adapter_unavailable",
+                f"adapter {shown(name)}: its files changed since it was registered; register it again",
+            )
+        return adapter
+
+    def evict(self, name: str) -> None:
+        """Take adapter ``name`` out of the model (engine thread) into the CPU tier, or to disk
+        when that tier has no room; nothing happens when it is not in the model."""
+        from peft import get_peft_model_state_dict
+
+        if name not in self.residency.hot or self.peft is None:
+            return
+        state = get_peft_model_state_dict(self.peft, adapter_name=name)
+        weights = {key: tensor.detach().to("cpu", copy=True) for key, tensor in state.items()}
+        kept = replace(self._loaded.pop(name), state_dict=weights)
+        self.residency.hot.pop(name)
+        self._drop(name)
+        self.residency.stats.evicted += 1
+        self.residency.keep_in_cpu(name, kept)
+
+    def _insert(self, name: str, adapter: ValidatedAdapter) -> None:
+        """Put ``adapter``'s weights into the peft model as ``name`` (see ``add_adapter``)."""
+        from peft import PeftModel, set_peft_model_state_dict
+
         config = adapter.config
         config.inference_mode = True
         try:
@@ -454,16 +581,17 @@ class Engine:
             raise ServiceError(
                 409, "adapter_mismatch", f"adapter does not load into the model: {type(exc).__name__}: {exc}"
             ) from exc
-        self.adapters[name] = AdapterSlot(
-            layers=adapter.layers,
-            generation=next(self._generations),
-            fingerprint=adapter.fingerprint,
-            splice_sets=adapter.splice_sets,
-        )
+        self._loaded[name] = replace(adapter, state_dict={})  # the weights live in the model now
+        self.residency.hot[name] = None
 
     def remove_adapter(self, name: str) -> None:
+        """Unregister ``name``: out of the model and the CPU tier (engine thread)."""
         self.adapters.pop(name, None)
-        self._drop(name)
+        was_hot = name in self.residency.hot
+        self.residency.forget(name)
+        self._loaded.pop(name, None)
+        if was_hot:
+            self._drop(name)
 
     def _drop(self, name: str) -> None:
         """Take adapter ``name`` out of the model, including whatever a failed ``add_adapter`` left

@@ -124,44 +124,60 @@ class Generations:
         before every step; then the generation stops, as a closed stream stops it)."""
         engine = self.engine
         started = time.monotonic()
-        state = await engine.call(self._start, plan)
-        pending: dict[int, dict[str, Any]] = {}  # generation index -> token event awaiting features
-        while not state.done:
-            if self.closing:
-                raise ServiceError(503, "shutting_down", "the server is stopping")
-            if gone is not None and await gone():
-                raise ServiceError(499, "client_closed_request", "the client went away")
-            out: StepOutput = await engine.call(self._step, plan, state)
-            for event in self._events(plan, state, out, pending):
-                yield "token", event
-        if pending:
-            finals = await engine.call(self._final, plan, state)
-            for g, event in sorted(pending.items()):
-                event["features"] = self._features(finals[plan.reported[g].row])
-                plan.reported[g].tokens[-1]["features"] = event["features"]
-                yield "token", event
-        seconds = time.monotonic() - started
-        generated = sum(len(r.tokens) for r in plan.reported)
-        if self.metrics is not None:
-            self.metrics.generated_tokens.inc(generated)
-        yield (
-            "done",
-            {
-                "generations": [self._generation(plan, state, r) for r in plan.reported],
-                "usage": {
-                    "prompt_tokens": sum(r.prompt_tokens for r in plan.reported),
-                    "generated_tokens": generated,
-                    "steps": state.steps,
-                    "seconds": round(seconds, 4),
-                    "tokens_per_second": round(generated / seconds, 2) if seconds > 0 else 0.0,
+        adapters = {row.adapter for row in plan.rows}
+        engine.residency.pin(adapters)  # evicted last while the generation runs
+        try:
+            state = await engine.call(self._start, plan)
+            pending: dict[int, dict[str, Any]] = {}  # generation index -> token event awaiting features
+            while not state.done:
+                if self.closing:
+                    raise ServiceError(503, "shutting_down", "the server is stopping")
+                if gone is not None and await gone():
+                    raise ServiceError(499, "client_closed_request", "the client went away")
+                out: StepOutput = await engine.call(self._step, plan, state)
+                for event in self._events(plan, state, out, pending):
+                    yield "token", event
+            if pending:
+                finals = await engine.call(self._final, plan, state)
+                for g, event in sorted(pending.items()):
+                    event["features"] = self._features(finals[plan.reported[g].row])
+                    plan.reported[g].tokens[-1]["features"] = event["features"]
+                    yield "token", event
+            seconds = time.monotonic() - started
+            generated = sum(len(r.tokens) for r in plan.reported)
+            if self.metrics is not None:
+                self.metrics.generated_tokens.inc(generated)
+            yield (
+                "done",
+                {
+                    "generations": [self._generation(plan, state, r) for r in plan.reported],
+                    "usage": {
+                        "prompt_tokens": sum(r.prompt_tokens for r in plan.reported),
+                        "generated_tokens": generated,
+                        "steps": state.steps,
+                        "seconds": round(seconds, 4),
+                        "tokens_per_second": round(generated / seconds, 2) if seconds > 0 else 0.0,
+                    },
                 },
-            },
-        )
+            )
+        finally:
+            engine.residency.unpin(adapters)
 
     # ---------------------------------------------------------------- engine thread
 
-    def _start(self, plan: Plan) -> BatchGeneration:
+    def _ready(self, plan: Plan, state: BatchGeneration | None = None) -> None:
+        """Before each forward of a generation: its adapter still registered and in the model (a
+        batch in between may have evicted it), and ``state`` pointed at the model as it is now
+        (peft wraps the base model's layers when the first adapter loads)."""
         plan.check()
+        engine = self.engine
+        engine.make_resident({row.adapter for row in plan.rows if row.adapter is not None})
+        if state is not None:
+            state.model = engine.peft if engine.peft is not None else engine.base
+            state.adapter_names = engine.adapter_names if engine.peft is not None else None
+
+    def _start(self, plan: Plan) -> BatchGeneration:
+        self._ready(plan)
         engine = self.engine
         model = engine.peft if engine.peft is not None else engine.base
         tok = engine.lm.tokenizer
@@ -183,11 +199,11 @@ class Generations:
         )
 
     def _step(self, plan: Plan, state: BatchGeneration) -> StepOutput:
-        plan.check()
+        self._ready(plan, state)
         return state.advance()
 
     def _final(self, plan: Plan, state: BatchGeneration) -> list[dict[int, tuple[list[int], list[float]]]]:
-        plan.check()
+        self._ready(plan, state)
         return state.final_features()
 
     # ---------------------------------------------------------------- events

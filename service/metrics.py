@@ -42,6 +42,39 @@ class Metrics:
         self.adapters = Gauge("lorasae_adapters", "registered adapters", registry=r)
         self.generations = Gauge("lorasae_generations_active", "generations holding a slot", registry=r)
         self.generated_tokens = Counter("lorasae_generated_tokens", "tokens generated", registry=r)
+        # adapter residency, read from the engine at each scrape (``observe_residency``)
+        self.adapters_held = Gauge(
+            "lorasae_adapters_held",
+            "adapters in the model (hot) / in host memory (cpu)",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_loads = Gauge(
+            "lorasae_adapter_loads",
+            "adapter loads into the model since start, by source tier",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Gauge(
+            "lorasae_adapter_load_seconds",
+            "seconds spent loading adapters, by source tier",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_hits = Gauge("lorasae_adapter_hits", "adapter uses that found it loaded", registry=r)
+        self.adapter_evictions = Gauge(
+            "lorasae_adapter_evictions", "adapters evicted from the model", registry=r
+        )
+
+    def observe_residency(self, snapshot: dict) -> None:
+        """Copy ``Residency.snapshot()`` into the gauges."""
+        self.adapters_held.labels("hot").set(len(snapshot["hot"]))
+        self.adapters_held.labels("cpu").set(len(snapshot["cpu"]))
+        for tier, count in snapshot["loads"].items():
+            self.adapter_loads.labels(tier).set(count)
+            self.adapter_load_seconds.labels(tier).set(snapshot["load_seconds"][tier])
+        self.adapter_hits.set(snapshot["hits"])
+        self.adapter_evictions.set(snapshot["evicted"])
 
     def observe_batch(self, rows: int, tokens: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

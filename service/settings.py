@@ -74,7 +74,10 @@ class Settings(BaseSettings):
         "password from ~/.pgpass or PGPASSWORD, never on the command line); default: the SQLite --db",
     )
     registry_poll_s: float = Field(
-        1.0, gt=0, le=3600, description="how often a server sharing a PostgreSQL registry reads the others' changes"
+        1.0,
+        gt=0,
+        le=3600,
+        description="how often a server sharing a PostgreSQL registry reads the others' changes",
     )
     max_loaded_adapters: int = Field(
         16,

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service_fixtures import world  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,21 @@ def test_generate_bench_quick(tiny_world, tmp_path):
         assert result["goal"] == 0.8 and entry["pass"] == (ratio >= 0.8)
         assert len(entry["served"]["vs_baseline_rounds"]) == 2
         assert 0 < entry["served"]["server_seconds_median"] <= entry["served"]["seconds_median"]
+
+
+def test_serve_bench_quick(world, tmp_path):
+    """bench/serve.py on the tiny world: the naive server and every timed forward answer rows (a
+    refused row would time nothing), and the residency rows time a load from each tier."""
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "serve.py"), "--quick", "--model", str(world.model),
+         "--sae", str(world.saes[1]), "--device", "cpu", "--threads", "1", "--requests", "24",
+         "--swap-reps", "8", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "one-row forward, adapter on disk (ms)" in proc.stdout
+    for key in ("served_tokens_per_s", "bare_tokens_per_s", "naive_tokens_per_s", "reload_from_disk_ms"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    first = result["first_request_ms"]
+    assert set(first) == {"hot", "cpu", "disk"} and all(v > 0 for v in first.values())

@@ -35,4 +35,6 @@ async def readyz(svc: Service = Depends(get_service)):
 async def metrics(svc: Service = Depends(get_service)) -> Response:
     if svc.batcher is not None:
         svc.metrics.queue_depth.set(svc.batcher.depth)
+    if svc.engine is not None:
+        svc.metrics.observe_residency(svc.engine.residency.snapshot())
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
