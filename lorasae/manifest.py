@@ -8,6 +8,7 @@ around one SAE is meaningless around another).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,11 +78,14 @@ class AdapterManifest:
         except OSError as exc:
             raise LorasaeError(f"cannot read {MANIFEST_FILE} in {where}: {exc.strerror}") from exc
 
-    def mismatches(self, model_fingerprint: str, saes: list[LoadedSAE]) -> list[str]:
+    def mismatches(
+        self, model_fingerprint: str, saes: list[LoadedSAE], sae_fingerprints: Mapping[int, str] | None = None
+    ) -> list[str]:
         """Why this adapter does not fit the loaded model and SAEs (empty when it fits).
 
         Every SAE the adapter was trained with must be loaded (matched by fingerprint and layer);
-        extra loaded SAEs are fine.
+        extra loaded SAEs are fine. ``sae_fingerprints``: the loaded SAEs' fingerprints by layer,
+        when the caller has them (hashing a Gemma-Scope-size SAE takes a second).
         """
         problems = []
         if self.base_model_fingerprint != model_fingerprint:
@@ -90,7 +94,9 @@ class AdapterManifest:
                 f"(fingerprint {self.base_model_fingerprint}), loaded model has "
                 f"fingerprint {model_fingerprint}"
             )
-        loaded = {(s.layer, sae_fingerprint(s.sae)) for s in saes}
+        if sae_fingerprints is None:
+            sae_fingerprints = {s.layer: sae_fingerprint(s.sae) for s in saes}
+        loaded = set(sae_fingerprints.items())
         for entry in self.saes:
             if (entry.layer, entry.fingerprint) not in loaded:
                 problems.append(

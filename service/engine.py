@@ -339,7 +339,7 @@ class Engine:
             manifest = AdapterManifest.load(directory, where="the adapter folder")
         except LorasaeError as exc:
             raise ServiceError(400, "invalid_adapter", str(exc)) from exc
-        problems = manifest.mismatches(self.model_fingerprint, self.saes)
+        problems = manifest.mismatches(self.model_fingerprint, self.saes, self.sae_fingerprints)
         if problems:
             raise ServiceError(
                 409,
