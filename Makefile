@@ -57,5 +57,11 @@ bench: install
 	$(BIN)/python bench/generate.py --out bench-output/generate.json
 	$(BIN)/python bench/train.py --out bench-output/train.json
 
+# the GPU numbers (served vs bare vs naive, 1/8/32 adapters per batch, adapter swap times) on a
+# GPU machine without internet: `bash bench/fetch_wheels.sh` first, where PyPI is reachable
+.PHONY: bench-gpu
+bench-gpu:
+	bash bench/gpu.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info clients/*.egg-info test-output bench-output

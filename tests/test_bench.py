@@ -5,6 +5,7 @@ throughputs and ratios. CI does not gate on absolute times."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -89,3 +90,27 @@ def test_serve_bench_quick(world, tmp_path):
         assert math.isfinite(result[key]) and result[key] > 0, key
     first = result["first_request_ms"]
     assert set(first) == {"hot", "cpu", "disk"} and all(v > 0 for v in first.values())
+
+
+def test_scale_bench_small(tmp_path):
+    """bench/scale.py (``make bench-gpu``'s script) end to end on a tiny model on CPU: every
+    measured path and tier is in its JSON with positive numbers, so the GPU run has no surprise."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "scale.py"), "--small", "--device", "cpu", "--mixes", "1,8",
+         "--rounds", "1", "--client-procs", "1", "--clients", "8", "--requests-per-client", "2",
+         "--swap-reps", "2", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result["partial"] and result["config"]["residency_api"]
+    for mix in ("1", "8"):
+        entry = result["mixes"][mix]
+        for key in ("bare_tokens_per_s", "served_tokens_per_s", "naive_tokens_per_s", "served_vs_bare",
+                    "served_vs_naive"):
+            assert math.isfinite(entry[key]) and entry[key] > 0, (mix, key)
+        assert 1 <= entry["served_mean_adapters_per_batch"] <= int(mix)
+    swap = result["swap"]
+    assert all(swap[tier]["first_request_ms"] > 0 and swap[tier]["n"] == 2 for tier in ("hot", "cpu", "disk"))
+    assert swap["hot"]["load_ms"] == 0 and swap["disk"]["load_ms"] > 0 and swap["cpu"]["load_ms"] > 0
+    assert swap["residency"]["loads"] == {"cpu": 2, "disk": 2}
