@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from typing import NamedTuple
@@ -17,6 +18,7 @@ from .errors import ServiceError
 from .generation import Generations
 from .metrics import Metrics
 from .registry import Registry
+from .registry_store import open_store
 from .settings import Settings
 
 log = logging.getLogger("lorasae.service")
@@ -49,6 +51,7 @@ class Service:
         self.registry: Registry | None = None
         self.batcher: Batcher | None = None
         self.generations: Generations | None = None
+        self.poller: asyncio.Task | None = None  # shared registry: reads the rows every registry_poll_s
         # the settings' dashboards, indexed against the engine (here, or in start())
         self.dashboards = dashboards or DashboardIndex()
         self.drift = drift or DriftIndex()  # the settings' drift reports, likewise
@@ -68,17 +71,19 @@ class Service:
             if s.drift and not self.drift:
                 log.info("reading drift reports %s", s.drift)
                 self.drift = await asyncio.to_thread(DriftIndex.build, self.engine, s.drift)
-            adapter_root, db_path = s.adapter_root, s.db_path
-            assert adapter_root is not None and db_path is not None, "Settings' validator fills both"
+            assert s.adapter_root is not None, "Settings' validator fills it"
+            store = await asyncio.to_thread(open_store, s)  # SQLite, or PostgreSQL (bounded connect)
             self.registry = Registry(
                 self.engine,
-                adapter_root,
-                db_path,
+                s.adapter_root,
+                store,
                 max_upload_bytes=int(s.max_upload_mb * 2**20),
                 metrics=self.metrics,
                 unpack_timeout_s=s.unpack_timeout_s,
             )
             await self.registry.restore()
+            if self.registry.shared:  # the other servers' registrations and deletions
+                self.poller = asyncio.create_task(self.registry.poll(s.registry_poll_s))
             self.batcher = Batcher(
                 self.engine,
                 max_batch=s.max_batch,
@@ -119,6 +124,10 @@ class Service:
         return Loaded(engine, registry, batcher, generations)
 
     async def stop(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.poller
         if self.generations is not None:
             self.generations.close()
         if self.batcher is not None:

@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,12 +214,18 @@ class ServerProcess:
     restarts it on the same port, database and adapter root (each start logs to its own
     ``server-N.log``). As a context manager: started on entry, stopped on exit. ``api_key`` is
     handed over in an environment variable (``--api-key-env``); ``env`` adds to the server's
-    environment.
+    environment. ``registry`` (a ``postgresql://`` URL, with ``registry_poll_s``) makes it one of
+    several servers sharing that registry; ``adapter_root`` then names the root they share (by
+    default each server has its own copy in ``workdir``). ``args``: more `lorasae serve` flags
+    (e.g. ``["--dashboards", DIR, "--drift", DIR]``).
     """
 
-    def __init__(self, world: World, workdir: Path, *, api_key: str | None = None, **env: str) -> None:
+    def __init__(self, world: World, workdir: Path, *, api_key: str | None = None,
+                 registry: str | None = None, registry_poll_s: float | None = None,
+                 adapter_root: Path | None = None, args: Sequence[str] = (), **env: str) -> None:
         self.workdir = workdir
-        self.adapter_root = world.adapter_root(workdir)
+        self.adapter_root = adapter_root if adapter_root is not None else world.adapter_root(workdir)
+        self.registry = registry
         self.db = workdir / "registry.sqlite3"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -227,6 +233,11 @@ class ServerProcess:
                     "--port", str(self.port), "--model", str(world.model),
                     *[arg for path in world.saes.values() for arg in ("--sae", str(path))],
                     "--adapter-root", str(self.adapter_root), "--db", str(self.db), "--device", "cpu"]
+        if registry is not None:
+            self.cmd += ["--registry", registry]
+        if registry_poll_s is not None:
+            self.cmd += ["--registry-poll-s", str(registry_poll_s)]
+        self.cmd += [str(arg) for arg in args]
         self.env = {**os.environ, **env}
         if api_key is not None:
             self.cmd += ["--api-key-env", SERVER_KEY_ENV]
@@ -297,6 +308,12 @@ class ServerProcess:
         raise AssertionError("no VmRSS line")
 
     def db_rows(self) -> list[tuple]:
+        if self.registry is not None:
+            import psycopg
+
+            with psycopg.connect(self.registry, connect_timeout=10) as db:
+                return db.execute("SELECT name, path, source, info, created_at FROM adapters "
+                                  "ORDER BY name").fetchall()
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as db:
             return db.execute("SELECT name, path, source, info, created_at FROM adapters "
                               "ORDER BY name").fetchall()

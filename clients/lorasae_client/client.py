@@ -76,6 +76,10 @@ M = TypeVar("M", bound=BaseModel)
 LatentSort = Literal["max_activation", "density"]
 SortOrder = Literal["desc", "asc"]
 STREAM = "text/event-stream"
+# the adapter a request uses, as Ray Serve's multiplexed model id: a server run on Ray Serve
+# (`lorasae serve --ray`) routes the request to a replica that already holds that adapter; a plain
+# server ignores it
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 Params = dict[str, str | int | float]
 Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
 InterventionLike = Intervention | Mapping[str, Any]
@@ -205,6 +209,7 @@ class _Request:
     idempotent: bool = True  # safe to resend after the server may have received it (see _should_retry)
     expect: tuple[int, ...] = field(default=(200,))
     check: str = ""  # for a non-idempotent request: how to find out whether it was carried out
+    adapter: str | None = None  # the adapter it uses: sent as MULTIPLEX_HEADER (replica routing)
 
 
 class _Core:
@@ -226,10 +231,12 @@ class _Core:
         self.backoff = backoff
         self.max_backoff = max_backoff
 
-    def _headers(self, accept: str = "application/json") -> dict[str, str]:
+    def _headers(self, accept: str = "application/json", adapter: str | None = None) -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": "lorasae-client"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if adapter:
+            headers[MULTIPLEX_HEADER] = adapter
         return headers
 
     # ------------------------------------------------------------ request builders
@@ -256,12 +263,12 @@ class _Core:
         }
         if latents is not None:  # left out otherwise: a server without latents= accepts the request
             body["latents"] = {sae: [_index(i) for i in indices] for sae, indices in latents.items()}
-        return _Request("POST", "/v1/features", json=body)
+        return _Request("POST", "/v1/features", json=body, adapter=adapter)
 
     @staticmethod
     def _latent(sae: str, index: int, adapter: str | None) -> _Request:
         path = f"{_latents_path(sae)}/{_index(index)}"
-        return _Request("GET", path, params=_params(adapter=adapter) or None)
+        return _Request("GET", path, params=_params(adapter=adapter) or None, adapter=adapter)
 
     @staticmethod
     def _search_latents(
@@ -285,14 +292,14 @@ class _Core:
             limit=limit,
             adapter=adapter,
         )
-        return _Request("GET", _latents_path(sae), params=params)
+        return _Request("GET", _latents_path(sae), params=params, adapter=adapter)
 
     @staticmethod
     def _drift(
         adapter: str, against: str | None, sae: str | None, side: DriftSide, limit: int, offset: int
     ) -> _Request:
         params = _params(against=against, sae=sae, side=side, limit=limit, offset=offset)
-        return _Request("GET", f"{_adapter_path(adapter)}/drift", params=params)
+        return _Request("GET", f"{_adapter_path(adapter)}/drift", params=params, adapter=adapter)
 
     @staticmethod
     def _generate(
@@ -335,6 +342,7 @@ class _Core:
             json=body,
             idempotent=False,
             check="GET /metrics (lorasae_generations_active)",
+            adapter=adapter,
         )
 
     @staticmethod
@@ -616,7 +624,7 @@ class LoraSaeClient(_Core):
                     files=req.files,
                     data=req.data,
                     params=req.params,
-                    headers=self._headers(),
+                    headers=self._headers(adapter=req.adapter),
                 )
             except httpx.TransportError as exc:
                 outcome = exc
@@ -633,7 +641,11 @@ class LoraSaeClient(_Core):
             outcome: httpx.Response | httpx.TransportError
             try:
                 request = self._http.build_request(
-                    req.method, req.path, json=req.json, params=req.params, headers=self._headers(STREAM)
+                    req.method,
+                    req.path,
+                    json=req.json,
+                    params=req.params,
+                    headers=self._headers(STREAM, req.adapter),
                 )
                 outcome = self._http.send(request, stream=True)
             except httpx.TransportError as exc:
@@ -898,7 +910,7 @@ class AsyncLoraSaeClient(_Core):
                     files=req.files,
                     data=req.data,
                     params=req.params,
-                    headers=self._headers(),
+                    headers=self._headers(adapter=req.adapter),
                 )
             except httpx.TransportError as exc:
                 outcome = exc
@@ -913,7 +925,11 @@ class AsyncLoraSaeClient(_Core):
             outcome: httpx.Response | httpx.TransportError
             try:
                 request = self._http.build_request(
-                    req.method, req.path, json=req.json, params=req.params, headers=self._headers(STREAM)
+                    req.method,
+                    req.path,
+                    json=req.json,
+                    params=req.params,
+                    headers=self._headers(STREAM, req.adapter),
                 )
                 outcome = await self._http.send(request, stream=True)
             except httpx.TransportError as exc:
