@@ -224,43 +224,6 @@ def build_sae(arch: str, d_in: int, d_sae: int, k: int, layer: int, folder: Path
     return folder
 
 
-def make_lora_adapter(engine, out: Path, seed: int, rank: int, layers: list[int], sae_entries: list) -> Path:
-    """A random LoRA adapter for ``engine``'s model as ``lorasae train`` writes one: peft's
-    ``adapter_config.json`` + ``adapter_model.safetensors`` and a ``lorasae.json`` manifest whose
-    model and SAE fingerprints are the loaded ones (``sae_entries``: ``SaeEntry.of`` each loaded SAE,
-    made once: hashing a wide SAE takes a while). B is non-zero (the adapter changes the model)."""
-    import torch
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from lorasae.manifest import AdapterManifest
-
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=TARGETS, layers_to_transform=layers, lora_dropout=0.0
-    )
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in engine.base.named_modules():
-        if name.rsplit(".", 1)[-1] not in TARGETS or not isinstance(module, torch.nn.Linear):
-            continue
-        if not any(f".layers.{layer}." in f"{name}." for layer in layers):
-            continue
-        prefix = f"base_model.model.{name}"
-        state[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.02
-        state[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.02
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out))
-    save_file(state, str(out / "adapter_model.safetensors"))
-    AdapterManifest(
-        base_model=engine.model_id,
-        base_model_fingerprint=engine.model_fingerprint,
-        saes=sae_entries,
-        lora={"rank": rank, "alpha": 2 * rank, "target_modules": TARGETS, "layers_to_transform": layers},
-        created_at="bench",
-    ).save(out)
-    return out
-
-
 def make_engine(lm, saes, settings):
     """The engine over the built model, with the residency limits where this engine has them."""
     from lorasae.service.engine import Engine
@@ -476,9 +439,12 @@ class Bench:
         self.swap_names = [f"x{i}" for i in range(a.cpu_adapters + a.swap_reps + 1)] if self.residency else []
         self.mix_names = [f"a{i}" for i in range(self.max_mix)]
         started = time.perf_counter()
+        from serve import make_random_adapter  # bench/serve.py, beside this script
+
         entries = [SaeEntry.of(s) for s in self.engine.saes]
         for seed, name in enumerate(self.swap_names + self.mix_names, start=1):
-            make_lora_adapter(self.engine, work / "adapters" / name, seed, a.rank, self.lora_layers, entries)
+            out = work / "adapters" / name
+            make_random_adapter(self.engine, out, seed, a.rank, self.lora_layers, entries)
         self.log(
             f"wrote {len(self.swap_names) + len(self.mix_names)} adapters "
             f"in {time.perf_counter() - started:.1f}s"

@@ -62,9 +62,13 @@ class _Server:
         self.thread.join(timeout=30)
 
 
-def make_random_adapter(engine, out: Path, seed: int, rank: int = 16) -> Path:
+def make_random_adapter(engine, out: Path, seed: int, rank: int = 16, layers: list[int] | None = None,
+                        sae_entries: list | None = None) -> Path:
     """A LoRA adapter with random weights for ``engine``'s model, written as a trained adapter would
-    be (peft files + matching lorasae.json), without loading a second copy of the model."""
+    be (peft files + matching lorasae.json), without loading a second copy of the model. B is
+    non-zero (the adapter changes the model). ``layers``: the decoder layers adapted (default:
+    every one after the first SAE); ``sae_entries``: ``SaeEntry.of`` each loaded SAE, when the
+    caller made them once (hashing a wide SAE takes a second)."""
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -76,7 +80,8 @@ def make_random_adapter(engine, out: Path, seed: int, rank: int = 16) -> Path:
     present = {name.rsplit(".", 1)[-1] for name, _ in engine.base.named_modules()}
     targets = [t for t in targets if t in present] or ["c_attn"]
     n_layers = len(decoder_layers(engine.base))
-    layers = list(range(min(s.layer for s in engine.saes) + 1, n_layers)) or list(range(n_layers))
+    if layers is None:
+        layers = list(range(min(s.layer for s in engine.saes) + 1, n_layers)) or list(range(n_layers))
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, layers_to_transform=layers,
                         lora_dropout=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +99,7 @@ def make_random_adapter(engine, out: Path, seed: int, rank: int = 16) -> Path:
     config.save_pretrained(str(out))
     save_file(state, str(out / "adapter_model.safetensors"))
     AdapterManifest(base_model=engine.model_id, base_model_fingerprint=engine.model_fingerprint,
-                    saes=[SaeEntry.of(s) for s in engine.saes],
+                    saes=sae_entries or [SaeEntry.of(s) for s in engine.saes],
                     lora={"rank": rank, "alpha": 2 * rank, "target_modules": targets,
                           "layers_to_transform": layers},
                     created_at="bench").save(out)
