@@ -24,7 +24,7 @@ from lorasae.training.compare import (
 )
 from lorasae.training.eval import EvalConfig, run_eval
 from lorasae.training.loop import LoopConfig
-from lorasae.training.plots import compare_figure, plot_compare
+from lorasae.training.plots import _compare_title, compare_figure, plot_compare
 from lorasae.training.train_e2e import train_e2e
 
 
@@ -422,7 +422,12 @@ def test_plot_compare_lower_bound_and_sparse_curves(tmp_path):
         CompareConfig(), _metrics(3.0, [], (0.0, 300, 2.0)), _metrics(3.0, [], (5.0, 300, 2.9)), None
     )
     assert _by_name(sparse)["lora_final"]["lower_bound"] is True
-    assert _by_name(sparse)["lora_final"]["speedup"] == float("inf")  # LoRA's 0 s: an unbounded ratio
+    # LoRA's 0 s: an unbounded ratio, written as null + a flag (compare.json stays strict JSON)
+    assert _by_name(sparse)["lora_final"]["speedup"] is None
+    assert _by_name(sparse)["lora_final"]["lora_starts_there"] is True
+    json.dumps(sparse, allow_nan=False)
+    assert "unbounded (LoRA-SAE starts there)" in format_compare(sparse)
+    assert "∞x (LoRA-SAE starts there)" in _compare_title(sparse, sparse["targets"])
     assert plot_compare(sparse, tmp_path / "sparse.png").stat().st_size > 10_000
 
 

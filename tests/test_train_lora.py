@@ -431,6 +431,15 @@ def test_residual_cache_files_reuse_and_rebuild(world, monkeypatch):
     torch.testing.assert_close(rc.load_residuals(folder, 8), residual_at(lm.model, 1, other), atol=1e-6, rtol=0)
     assert rc.cache_dir(lm, 2, str(world.corpus), CTX) != folder  # another layer, another cache
 
+    # a damaged cache is not an error: it is built again (a killed run, a full disk)
+    rc.ensure_residuals(lm, 1, seqs, str(world.corpus), clean_final=True)
+    (folder / rc.FINAL_RECORD_FILE).write_text("{not json")
+    residuals = folder / rc.RESIDUALS_FILE
+    residuals.write_bytes(residuals.read_bytes()[:100])
+    assert rc.ensure_residuals(lm, 1, seqs, str(world.corpus), clean_final=True) == folder
+    torch.testing.assert_close(rc.load_residuals(folder, 8), residual_at(lm.model, 1, seqs), atol=1e-6, rtol=0)
+    assert read_json(folder / rc.FINAL_RECORD_FILE)["rows"] == 8
+
 
 def test_epochs_pass_over_the_same_tokens_again_in_a_new_order(world, tmp_path):
     one = make_cfg(world, tokens=4 * 4 * CTX, eval_every=100)  # 16 sequences: 4 steps per epoch

@@ -149,9 +149,11 @@ def time_to_reach(points: list[dict], target: float, key: str = "seconds") -> fl
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None:
+    """``num / den``; None when either is unknown, or when ``den`` is 0 (LoRA-SAE starts at the
+    target: the target's ``lora_starts_there`` says so; JSON has no infinity)."""
+    if num is None or den is None or den <= 0:
         return None
-    return num / den if den > 0 else float("inf")
+    return num / den
 
 
 SAE_SECONDS_KEYS = ("seconds_caching", "seconds_collecting", "seconds_training")
@@ -196,6 +198,7 @@ def _target(
         "speedup_tokens": _ratio(e2e_tokens_at_least, lora_t),
         "speedup_including_sae_training": _ratio(e2e_at_least, lora_incl),
         "lower_bound": lower_bound,
+        "lora_starts_there": lora_s == 0.0,  # the given SAE already is at the target: no finite ratio
     }
 
 
@@ -288,11 +291,9 @@ def summarise(cfg: CompareConfig, lora: dict, e2e: dict, sae_seconds: float | No
     return result
 
 
-def _speed(x: float | None, bound: bool) -> str:
+def _speed(x: float | None, bound: bool, starts_there: bool = False) -> str:
     if x is None:
-        return "no speed-up"
-    if x == float("inf"):
-        return "unbounded (LoRA-SAE starts there)"
+        return "unbounded (LoRA-SAE starts there)" if starts_there else "no speed-up"
     return f"{'>= ' if bound else ''}{x:.1f}x"
 
 
@@ -321,9 +322,8 @@ def format_compare(result: dict) -> str:
             e2e_part = f"e2e not reached after {_seconds(e2e['train']['seconds'])}"
         else:
             e2e_part = f"e2e {_seconds(t['e2e_seconds'])}"
-        line = (
-            f"{labels[t['name']]} ({t['ce']:.4f}): {lora_part}, {e2e_part} -> {_speed(t['speedup'], bound)}"
-        )
+        speed = _speed(t["speedup"], bound, t["lora_starts_there"])
+        line = f"{labels[t['name']]} ({t['ce']:.4f}): {lora_part}, {e2e_part} -> {speed}"
         if t["speedup_including_sae_training"] is not None:
             line += f" (incl. SAE training {_speed(t['speedup_including_sae_training'], bound)})"
         if bound:

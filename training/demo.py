@@ -18,12 +18,12 @@ from pathlib import Path
 
 from lorasae.manifest import MANIFEST_FILE
 from lorasae.paths import data_dir
-from lorasae.saes import load_sae, sae_fingerprint
+from lorasae.saes import SAE_CONFIG_FILE, load_sae, sae_fingerprint
 
 from .loop import CHECKPOINT_DIR, METRICS_FILE
 from .presets import CPU_RANK, DEMO_EVAL_TOKENS, DEMO_STEPS, cpu_loop
 from .train_lora import LoraTrainConfig, train_lora
-from .train_sae import SAE_TRAINING_FILE, ensure_default_sae
+from .train_sae import SAE_TRAINING_FILE, SaeTrainingConfig, ensure_default_sae
 
 
 @dataclass
@@ -92,8 +92,8 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     """Train (or reuse) the demo adapter around the default SAE; print and return before/after."""
     cfg = cfg or DemoConfig()
     started = time.time()
+    sae_now = not (SaeTrainingConfig().default_dir() / SAE_CONFIG_FILE).exists()  # trained in this run
     sae_dir = ensure_default_sae()
-    sae_seconds = time.time() - started
     fingerprint = sae_fingerprint(load_sae(str(sae_dir)).sae)
     train_cfg = demo_config(cfg, str(sae_dir))
     out = adapter_dir(train_cfg, fingerprint)
@@ -102,7 +102,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
         train_lora(train_cfg, out, resume=(out / CHECKPOINT_DIR).exists())
     metrics = json.loads((out / METRICS_FILE).read_text())
     print(format_table(metrics["start"], metrics["final"]), flush=True)
-    timings = _timings(metrics, sae_dir, sae_seconds > 1.0, trained_now)
+    timings = _timings(metrics, sae_dir, sae_now, trained_now)
     print(format_timings(timings, time.time() - started), file=sys.stderr)
     print(f"adapter: {out}\nplot: {out / 'training.png'}", file=sys.stderr)
     return {

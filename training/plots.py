@@ -75,12 +75,9 @@ def _compare_targets(result: dict) -> list[dict]:
             "speedup": result.get("speedup"),
             "speedup_including_sae_training": result.get("speedup_including_sae_training"),
             "lower_bound": False,
+            "lora_starts_there": lora.get("seconds_to_target") == 0.0,
         }
     ]
-
-
-def _times(x: float) -> str:
-    return "∞x" if x == float("inf") else f"{x:.1f}x"
 
 
 def _compare_title(result: dict, targets: list[dict]) -> str:
@@ -89,12 +86,12 @@ def _compare_title(result: dict, targets: list[dict]) -> str:
         label = _TARGET_STYLE[t["name"]][0]
         bound = "≥ " if t["lower_bound"] else ""
         speed, incl = t["speedup"], t.get("speedup_including_sae_training")
-        if speed is None:
+        if speed is None and not t.get("lora_starts_there"):
             parts.append(f"to {label}: not reached by LoRA-SAE")
             continue
-        text = f"to {label}: {bound}{_times(speed)}"
+        text = f"to {label}: " + ("∞x (LoRA-SAE starts there)" if speed is None else f"{bound}{speed:.1f}x")
         if incl is not None:
-            text += f" ({bound}{_times(incl)} incl. SAE training)"
+            text += f" ({bound}{incl:.1f}x incl. SAE training)"
         if t["lower_bound"]:
             text += " (lower bound: e2e not there yet)"
         parts.append(text)

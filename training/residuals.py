@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ from lorasae.files import publish_dir, write_json_atomic
 from lorasae.models import LoadedModel, final_norm, hidden_size, model_fingerprint
 from lorasae.paths import data_dir
 from lorasae.splice import residual_at, start_after
+
+log = logging.getLogger("lorasae.training")
 
 RESIDUALS_FILE = "residuals.npy"
 IDS_FILE = "ids.npy"
@@ -69,13 +72,21 @@ def cache_dir(lm: LoadedModel, layer: int, corpus: str, ctx: int, fingerprint: s
 
 
 def _covers(folder: Path, sequences: torch.Tensor) -> bool:
+    """Whether the cache in ``folder`` holds ``sequences`` as its first rows; a cache that cannot
+    be read (truncated, half-deleted) does not, and is built again."""
     if not (folder / RECORD_FILE).is_file():
         return False
-    ids = np.load(folder / IDS_FILE, mmap_mode="r")
+    try:
+        ids = np.load(folder / IDS_FILE, mmap_mode="r")
+        residuals = np.load(folder / RESIDUALS_FILE, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        log.warning("residual cache %s unreadable (%s): building it again", folder, exc)
+        return False
     n = sequences.shape[0]
     return (
         ids.shape[0] >= n
         and ids.shape[1] == sequences.shape[1]
+        and residuals.shape[:2] == ids.shape
         and np.array_equal(ids[:n], sequences.numpy())
     )
 
@@ -130,8 +141,18 @@ def ensure_residuals(
 
 
 def _final_rows(folder: Path) -> int:
+    """Rows of the cached clean final hidden states; 0 when there are none or they cannot be read
+    (then they are computed again)."""
     record = folder / FINAL_RECORD_FILE
-    return int(json.loads(record.read_text())["rows"]) if record.is_file() else 0
+    if not record.is_file():
+        return 0
+    try:
+        rows = int(json.loads(record.read_text())["rows"])
+        final = np.load(folder / FINAL_FILE, mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cached final hidden states in %s unreadable (%s): computing them again", folder, exc)
+        return 0
+    return rows if final.shape[0] >= rows else 0
 
 
 @torch.no_grad()
