@@ -58,6 +58,15 @@ class Plan:
     preserve_error: bool
     check: Callable[[], None]  # raises ServiceError when an adapter went away (engine thread)
 
+    @property
+    def stop_window(self) -> int:
+        """Last tokens decoded to look for a stop string completed by the newest token: every
+        token is at least one character, so a stop string of L characters lies in the last L
+        tokens; the margin keeps the window's own first token (whose leading space a tokenizer
+        may drop when decoding it alone) far from it. Decoding the whole text at every step
+        would cost quadratic time in the tokens generated."""
+        return 4 * max(map(len, self.stop), default=0) + 16
+
 
 class Generations:
     def __init__(
@@ -244,12 +253,11 @@ class Generations:
                 "text": text,
                 "kl": kl,
             }
-            if plan.stop:
-                decoded = self.engine.decode(state.generated[rep.row])
-                hits = [decoded.find(s) for s in plan.stop if s in decoded]
-                if hits:
-                    rep.cut, rep.text = True, decoded[: min(hits)]
-                    state.finish(rep.row, "stop")
+            generated = state.generated[rep.row]
+            if plan.stop and any(s in self.engine.decode(generated[-plan.stop_window :]) for s in plan.stop):
+                decoded = self.engine.decode(generated)  # once, to cut at the first stop string
+                rep.cut, rep.text = True, decoded[: min(decoded.find(s) for s in plan.stop if s in decoded)]
+                state.finish(rep.row, "stop")
             if plan.features_k:
                 pending[g] = event
             else:

@@ -93,6 +93,22 @@ def test_stop_string_cuts_the_text(client):
     assert len(cut.tokens) < len(full.tokens)
 
 
+def test_stop_string_late_in_a_long_generation_decodes_a_bounded_tail(client, monkeypatch):
+    """A stop string near the end of 60 tokens is found, and each step decodes only the last
+    ``stop_window`` tokens (not the whole text: quadratic), plus one full decode to cut."""
+    full = GenerateResponse.model_validate(_post(client, max_new_tokens=60).json()).generations[0]
+    assert len(full.tokens) == 60
+    stop = next(full.text[i:i + 2] for i in range(len(full.text) - 8, 0, -1) if full.text[i:i + 2].strip())
+    engine = client.app.state.service.engine
+    decoded: list[int] = []
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda ids: decoded.append(len(ids)) or real(ids))
+    cut = GenerateResponse.model_validate(_post(client, max_new_tokens=60, stop=[stop]).json()).generations[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    window = 4 * len(stop) + 16
+    assert max(decoded[:-1]) <= window < len(cut.tokens) and decoded[-1] == len(cut.tokens)
+
+
 @pytest.mark.parametrize("body, status, code", [
     ({"interventions": [{"sae": "nope", "latent": 1, "op": "set", "value": 1}]}, 404, "unknown_sae"),
     ({"interventions": [{"sae": "sae1", "latent": 10**6, "op": "set", "value": 1}]}, 404, "unknown_latent"),
