@@ -39,6 +39,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 STEPS = ("lora_sae", "lora_sae_shared", "lora_sae_cached", "full_fwd_bwd", "lora_ce")
@@ -98,22 +99,23 @@ def run(args) -> dict:
     rows = torch.arange(ids.shape[0])
     losses: dict[str, list[float]] = {name: [] for name in STEPS[:3]}
 
-    def kl_step(name: str, start=None) -> None:
-        prefix, final = start() if start else (None, None)
+    # where each LoRA-SAE variant starts: (prefix, teacher's final hidden states), per batch
+    starts = {
+        "lora_sae": lambda: (None, None),
+        "lora_sae_shared": lambda: (SharedPrefix(first, residual_at(model, first, ids)), None),
+        "lora_sae_cached": lambda: (SharedPrefix(first, cache[rows].to(device)), finals[rows].to(device)),
+    }
+
+    def kl_loss_of(name: str) -> torch.Tensor:
+        prefix, final = starts[name]()
         with autocast():
-            loss = kl_loss(model, model, saes, ids, cfg.keep_first, prefix, final)
+            return kl_loss(model, model, saes, ids, cfg.keep_first, prefix, final)
+
+    def kl_step(name: str) -> None:
+        loss = kl_loss_of(name)
         loss.backward()
         losses[name].append(float(loss.detach()))
         update()
-
-    def lora_sae() -> None:
-        kl_step("lora_sae")
-
-    def lora_sae_shared() -> None:
-        kl_step("lora_sae_shared", lambda: (SharedPrefix(first, residual_at(model, first, ids)), None))
-
-    def lora_sae_cached() -> None:
-        kl_step("lora_sae_cached", lambda: (SharedPrefix(first, cache[rows].to(device)), finals[rows].to(device)))
 
     def full_fwd_bwd() -> None:
         for p in base:
@@ -133,24 +135,14 @@ def run(args) -> dict:
         loss.backward()
         update()
 
-    steps = {
-        "lora_sae": lora_sae,
-        "lora_sae_shared": lora_sae_shared,
-        "lora_sae_cached": lora_sae_cached,
-        "full_fwd_bwd": full_fwd_bwd,
-        "lora_ce": lora_ce,
-    }
+    steps = {name: partial(kl_step, name) for name in starts}
+    steps |= {"full_fwd_bwd": full_fwd_bwd, "lora_ce": lora_ce}
     # the exactness check, before timing: one batch, no update in between, the same dropout masks
     exact = []
-    for name, prefix in (("lora_sae", None), ("lora_sae_shared", "shared"), ("lora_sae_cached", "cached")):
+    for name in starts:
         torch.manual_seed(7)
-        shared, final = {
-            None: (None, None),
-            "shared": (SharedPrefix(first, residual_at(model, first, ids)), None),
-            "cached": (SharedPrefix(first, cache[rows].to(device)), finals[rows].to(device)),
-        }[prefix]
-        with torch.no_grad(), autocast():
-            exact.append(float(kl_loss(model, model, saes, ids, cfg.keep_first, shared, final)))
+        with torch.no_grad():
+            exact.append(float(kl_loss_of(name)))
     times: dict[str, list[float]] = {name: [] for name in STEPS}
     for round_ in range(args.warmup + args.rounds):
         order = STEPS[round_ % len(STEPS):] + STEPS[:round_ % len(STEPS)]
