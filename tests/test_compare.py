@@ -135,33 +135,13 @@ def test_compare_json_is_consistent(compared, tiny_world):
         assert pts[-1]["seconds"] > 0
 
     # the CEs against an independent evaluation of what each run saved
-    given = run_eval(
-        EvalConfig(
-            model=str(tiny_world.model),
-            saes=[str(tiny_world.sae1)],
-            tokens=cfg.loop.eval_tokens,
-            ctx=CTX,
-            corpus=str(tiny_world.corpus),
-        )
-    )
-    e2e_saved = run_eval(
-        EvalConfig(
-            model=str(tiny_world.model),
-            saes=[str(out / "e2e")],
-            tokens=cfg.loop.eval_tokens,
-            ctx=CTX,
-            corpus=str(tiny_world.corpus),
-        )
-    )
-    adapter = run_eval(
-        EvalConfig(
-            model=str(tiny_world.model),
-            adapter=str(out / "lora"),
-            tokens=cfg.loop.eval_tokens,
-            ctx=CTX,
-            corpus=str(tiny_world.corpus),
-        )
-    )
+    def evaluate(**what) -> dict:
+        return run_eval(EvalConfig(model=str(tiny_world.model), tokens=cfg.loop.eval_tokens, ctx=CTX,
+                                   corpus=str(tiny_world.corpus), **what))
+
+    given = evaluate(saes=[str(tiny_world.sae1)])
+    e2e_saved = evaluate(saes=[str(out / "e2e")])
+    adapter = evaluate(adapter=str(out / "lora"))
     assert result["ce_clean"] == pytest.approx(given["ce_clean"], abs=1e-5)
     assert result["ce_spliced"] == pytest.approx(given["ce_spliced"], abs=1e-5)
     assert e2e["start_ce"] == pytest.approx(given["ce_spliced"], abs=1e-5)  # finetune: the given SAE
