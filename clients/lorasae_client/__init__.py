@@ -1,10 +1,17 @@
 """Client for the lorasae feature server: httpx + pydantic only, no torch.
 
 ``LoraSaeClient`` / ``AsyncLoraSaeClient`` talk to ``lorasae serve``; the wire format lives in
-``lorasae_client.schemas`` (the server validates with the same models).
+``lorasae_client.schemas`` (the server validates with the same models). In Jupyter the answers
+show as HTML (token strips, latent dashboards, tables: ``lorasae_client.display``).
 """
 
-from .client import AsyncGenerationStream, AsyncLoraSaeClient, GenerationStream, LoraSaeClient
+from .client import (
+    AdapterInfoList,
+    AsyncGenerationStream,
+    AsyncLoraSaeClient,
+    GenerationStream,
+    LoraSaeClient,
+)
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -77,6 +84,7 @@ __all__ = [
     "ServiceUnavailableError",
     "InternalServerError",
     "AdapterInfo",
+    "AdapterInfoList",
     "FeatureEntry",
     "FeaturesRequest",
     "FeaturesResponse",

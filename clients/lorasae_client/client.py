@@ -21,6 +21,11 @@
             for event in events:  # TokenEvent per generated token, then the GenerateResponse
                 print(event.text if isinstance(event, TokenEvent) else "", end="")
 
+        # in Jupyter, answers show as HTML: display(client.features(...)) gives token strips coloured
+        # by each token's top latent, client.latent(...) a small dashboard, list_adapters() a table;
+        # progress=True (generate / stream) shows a tqdm bar of the generated tokens
+        answer = client.generate("The cat", max_new_tokens=200, progress=True)
+
 429 and 503 answers and transport failures are retried with exponential backoff, honouring the
 server's Retry-After (clamped to ``max_backoff``); see ``_Core._should_retry`` for which requests may be
 resent after which failure. Other errors raise the typed exceptions of ``lorasae_client.errors`` with
@@ -30,7 +35,9 @@ the server's message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import importlib
 import io
 import json
 import math
@@ -41,7 +48,15 @@ import random
 import tarfile
 import time
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +66,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
+from . import display
 from .errors import APIConnectionError, APIStatusError, APITimeoutError, LoraSaeWarning, error_for_status
 from .schemas import (
     AdapterInfo,
@@ -212,6 +228,147 @@ class _Request:
     adapter: str | None = None  # the adapter it uses: sent as MULTIPLEX_HEADER (replica routing)
 
 
+class AdapterInfoList(list[AdapterInfo]):
+    """What ``list_adapters`` returns: a plain list of ``AdapterInfo`` that a notebook shows as a
+    table (``_repr_html_``)."""
+
+    def _repr_html_(self) -> str:
+        return display.adapters_html(self)
+
+
+class _ReadyWait:
+    """The bookkeeping of ``wait_ready``: the deadline, and what the last tries found, for the
+    error raised when the time is up."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.url = f"{base_url}/readyz"
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.tries = 0
+        self.last_error: str | None = None  # the last transport failure ("ConnectError: ...")
+        self.last_answer: str | None = None  # the last answer that was not 200, in words
+        self.reached_last = False  # whether the last try got an answer
+
+    def request_timeout(self, client_timeout: float) -> float:
+        """The timeout of the next try: the client's, cut to the time left (at least 0.1 s), so a
+        host that does not answer cannot hold ``wait_ready`` past its deadline."""
+        return max(0.1, min(client_timeout, self.deadline - time.monotonic()))
+
+    def answered(self, response: httpx.Response) -> None:
+        self.tries += 1
+        self.reached_last = True
+        self.last_answer = _not_ready(response)
+
+    def failed(self, exc: httpx.TransportError) -> None:
+        self.tries += 1
+        self.reached_last = False
+        self.last_error = f"{type(exc).__name__}: {exc or 'no detail'}"
+
+    def delay(self, interval: float) -> float:
+        """Seconds to sleep before the next try; raises the APITimeoutError when time is up."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.error()
+        return max(0.0, min(interval, left))
+
+    def error(self) -> APITimeoutError:
+        tries = f"{self.tries} {'try' if self.tries == 1 else 'tries'}"
+        if self.last_answer is None:
+            return APITimeoutError(
+                f"{self.url} not reachable within {self.timeout} s ({tries}); last error: {self.last_error}"
+                " - is the server running at that address?"
+            )
+        message = (
+            f"{self.url} not ready after {self.timeout} s ({tries}): the server answered {self.last_answer}"
+        )
+        if not self.reached_last:
+            message += f"; the last try failed: {self.last_error}"
+        return APITimeoutError(message)
+
+
+def _not_ready(response: httpx.Response) -> str:
+    """What a /readyz answer other than 200 says: the server's status and detail (503 while it loads
+    or after its startup failed), else the status code and the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and response.status_code == 503 and "status" in body:
+        detail = body.get("detail")
+        if body.get("status") == "error":
+            return f"503, startup failed: {detail or 'no detail'}"
+        if body.get("status") == "loading":
+            return "503, still loading the model" + (f" ({detail})" if detail else "")
+        return f"503, status {body.get('status')!r}" + (f": {detail}" if detail else "")
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        return f"{response.status_code} {err.get('code', '')}: {err.get('message', '')}"
+    text = (response.text or response.reason_phrase or "").strip()
+    return f"{response.status_code}: {text[:200]}"
+
+
+def _tqdm() -> Any:
+    """``tqdm.auto.tqdm`` (a widget in Jupyter, text elsewhere), imported when asked for."""
+    try:
+        module = importlib.import_module("tqdm.auto")
+    except ImportError as exc:
+        raise ImportError("progress=True needs tqdm: pip install tqdm") from exc
+    return module.tqdm
+
+
+def _advance(bar: Any, event: GenerateEvent) -> None:
+    """One event on the progress bar: a token counts one; the final answer sets the total to the
+    count (a generation that stopped early, at a stop string or end of sequence, shows complete)."""
+    if isinstance(event, TokenEvent):
+        bar.update(1)
+    else:
+        bar.total = bar.n
+        bar.refresh()
+
+
+def _with_progress(
+    events: Generator[GenerateEvent, None, None], bar_class: Any, total: int
+) -> Generator[GenerateEvent, None, None]:
+    """``events`` passed through, counted on a ``bar_class`` bar (opened with the first event asked
+    for, closed with the stream)."""
+    bar = bar_class(total=total, unit="tok", desc="generating")
+    try:
+        for event in events:
+            _advance(bar, event)
+            yield event
+    finally:
+        events.close()
+        bar.close()
+
+
+async def _with_progress_async(
+    events: AsyncGenerator[GenerateEvent, None], bar_class: Any, total: int
+) -> AsyncGenerator[GenerateEvent, None]:
+    bar = bar_class(total=total, unit="tok", desc="generating")
+    try:
+        async for event in events:
+            _advance(bar, event)
+            yield event
+    finally:
+        await events.aclose()
+        bar.close()
+
+
+def _final(events: Iterable[GenerateEvent]) -> GenerateResponse:
+    """The answer at the end of a generation's events."""
+    for event in events:
+        if isinstance(event, GenerateResponse):
+            return event
+    raise APIConnectionError("the generation stream ended before its done event")
+
+
+async def _final_async(events: AsyncIterable[GenerateEvent]) -> GenerateResponse:
+    async for event in events:
+        if isinstance(event, GenerateResponse):
+            return event
+    raise APIConnectionError("the generation stream ended before its done event")
+
+
 class _Core:
     """Everything but the I/O: settings, request building, retry delays, response parsing."""
 
@@ -344,6 +501,16 @@ class _Core:
             check="GET /metrics (lorasae_generations_active)",
             adapter=adapter,
         )
+
+    @staticmethod
+    def _generation_total(req: _Request) -> int:
+        """The most tokens a ``_generate`` request can produce: max_new_tokens x generations (one per
+        prompt, two with compare)."""
+        body = req.json
+        prompt = body["prompt"]
+        single = isinstance(prompt, str) or all(isinstance(x, int) for x in prompt)
+        prompts = 1 if single else len(prompt)
+        return prompts * (2 if body["compare"] else 1) * int(body["max_new_tokens"])
 
     @staticmethod
     def _register(name: str, path: str | None, upload: str | os.PathLike[str] | bytes | None) -> _Request:
@@ -683,6 +850,12 @@ class LoraSaeClient(_Core):
             response.close()
         raise self._ended_early(req)
 
+    def _streamed(self, req: _Request, progress: bool) -> Generator[GenerateEvent, None, None]:
+        """``_events``, counted on a tqdm bar with ``progress`` (ImportError now if tqdm is missing)."""
+        if not progress:
+            return self._events(req)
+        return _with_progress(self._events(req), _tqdm(), self._generation_total(req))
+
     def features(
         self,
         inputs: str | Sequence[str] | Sequence[Sequence[int]],
@@ -762,6 +935,7 @@ class LoraSaeClient(_Core):
         mode: GenerationMode = "spliced",
         compare: bool = False,
         return_features: int | None = None,
+        progress: bool = False,
     ) -> GenerateResponse:
         """Continue ``prompt`` (a text, token ids, or a list of either) with the SAEs spliced
         (``saes`` as in ``features``; None: all loaded, or the adapter's own) and ``interventions``
@@ -776,7 +950,9 @@ class LoraSaeClient(_Core):
         generation (``stream`` shows tokens as they come). Raises NotFoundError (unknown_adapter,
         unknown_sae, unknown_latent), UnprocessableEntityError (sae_not_spliced, nothing_to_compare,
         validation_error), PayloadTooLargeError, RateLimitError (every slot and the queue taken,
-        after the retries)."""
+        after the retries). ``progress=True``: a progress bar of the generated tokens (``tqdm.auto``:
+        a widget in Jupyter; needs tqdm), the answer streamed under the hood (so ``timeout`` then
+        bounds each wait for a token, not the whole generation)."""
         req = self._generate(
             prompt,
             adapter=adapter,
@@ -790,8 +966,11 @@ class LoraSaeClient(_Core):
             mode=mode,
             compare=compare,
             return_features=return_features,
-            stream=False,
+            stream=progress,
         )
+        if progress:  # streamed, to count the tokens as they come
+            with contextlib.closing(self._streamed(req, progress)) as events:
+                return _final(events)
         return self._generate_response(self._send(req).content)
 
     def stream(
@@ -809,13 +988,16 @@ class LoraSaeClient(_Core):
         mode: GenerationMode = "spliced",
         compare: bool = False,
         return_features: int | None = None,
+        progress: bool = False,
     ) -> GenerationStream:
         """``generate`` streamed (Server-Sent Events): a ``TokenEvent`` per generated token as the
         server produces it (``generation`` indexes the final answer's ``generations``; ``kl`` on the
         treatment with ``compare``), then the ``GenerateResponse`` as the last item. The request is
         sent on the first ``next()`` (a refusal before the stream starts is retried as usual; nothing
         is resent once events arrived). Leave early with ``with client.stream(...) as events:`` or
-        ``events.close()``: the response is closed and the server frees the generation's slot."""
+        ``events.close()``: the response is closed and the server frees the generation's slot.
+        ``progress=True``: the events also drive a progress bar of the generated tokens (``tqdm.auto``,
+        needs tqdm; total max_new_tokens x generations, set to the count at the end)."""
         req = self._generate(
             prompt,
             adapter=adapter,
@@ -831,7 +1013,7 @@ class LoraSaeClient(_Core):
             return_features=return_features,
             stream=True,
         )
-        return GenerationStream(self._events(req))
+        return GenerationStream(self._streamed(req, progress))
 
     def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
@@ -840,8 +1022,9 @@ class LoraSaeClient(_Core):
         adapter folder, packed for you, or a .tar.gz/.tar/.zip archive) under ``name``."""
         return self._parse(self._send(self._register(name, path, upload)), AdapterInfo)
 
-    def list_adapters(self) -> list[AdapterInfo]:
-        return self._parse(self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters
+    def list_adapters(self) -> AdapterInfoList:
+        """The registered adapters: a list of ``AdapterInfo`` (a table in a notebook)."""
+        return AdapterInfoList(self._parse(self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters)
 
     def get_adapter(self, name: str) -> AdapterInfo:
         return self._parse(self._send(_Request("GET", _adapter_path(name))), AdapterInfo)
@@ -854,17 +1037,24 @@ class LoraSaeClient(_Core):
         return self._parse(self._send(_Request("GET", "/readyz")), HealthResponse)
 
     def wait_ready(self, timeout: float = 120.0, interval: float = 0.25) -> HealthResponse:
-        deadline = time.monotonic() + timeout
+        """Poll ``/readyz`` every ``interval`` seconds until the server is ready; its answer.
+        Raises APITimeoutError after ``timeout`` seconds, saying which URL was tried and either the
+        last connection error (refused, unknown host, timed out) or, when the server answered, what
+        it said (still loading, or why its startup failed)."""
+        wait = _ReadyWait(self.base_url, timeout)
         while True:
             try:
-                response = self._http.get("/readyz", headers=self._headers())
+                if self._owns_http:  # each try within the time left; a given http_client: its timeouts
+                    timeout_s = wait.request_timeout(self.timeout)
+                    response = self._http.get("/readyz", headers=self._headers(), timeout=timeout_s)
+                else:
+                    response = self._http.get("/readyz", headers=self._headers())
                 if response.status_code == 200:
                     return self._parse(response, HealthResponse)
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise APITimeoutError(f"{self.base_url} not ready after {timeout} s")
-            time.sleep(interval)
+                wait.answered(response)
+            except httpx.TransportError as exc:
+                wait.failed(exc)
+            time.sleep(wait.delay(interval))
 
     def close(self) -> None:
         if self._owns_http:
@@ -967,6 +1157,11 @@ class AsyncLoraSaeClient(_Core):
             await response.aclose()
         raise self._ended_early(req)
 
+    def _streamed(self, req: _Request, progress: bool) -> AsyncGenerator[GenerateEvent, None]:
+        if not progress:
+            return self._events(req)
+        return _with_progress_async(self._events(req), _tqdm(), self._generation_total(req))
+
     async def features(
         self,
         inputs: str | Sequence[str] | Sequence[Sequence[int]],
@@ -1030,6 +1225,7 @@ class AsyncLoraSaeClient(_Core):
         mode: GenerationMode = "spliced",
         compare: bool = False,
         return_features: int | None = None,
+        progress: bool = False,
     ) -> GenerateResponse:
         req = self._generate(
             prompt,
@@ -1044,8 +1240,11 @@ class AsyncLoraSaeClient(_Core):
             mode=mode,
             compare=compare,
             return_features=return_features,
-            stream=False,
+            stream=progress,
         )
+        if progress:  # streamed, to count the tokens as they come
+            async with contextlib.aclosing(self._streamed(req, progress)) as events:
+                return await _final_async(events)
         return self._generate_response((await self._send(req)).content)
 
     def stream(
@@ -1063,6 +1262,7 @@ class AsyncLoraSaeClient(_Core):
         mode: GenerationMode = "spliced",
         compare: bool = False,
         return_features: int | None = None,
+        progress: bool = False,
     ) -> AsyncGenerationStream:
         """``LoraSaeClient.stream`` for ``async for``; leave early inside ``async with
         client.stream(...) as events:`` (or ``await events.aclose()``) so the response is closed."""
@@ -1081,15 +1281,16 @@ class AsyncLoraSaeClient(_Core):
             return_features=return_features,
             stream=True,
         )
-        return AsyncGenerationStream(self._events(req))
+        return AsyncGenerationStream(self._streamed(req, progress))
 
     async def register_adapter(
         self, name: str, path: str | None = None, *, upload: str | os.PathLike[str] | bytes | None = None
     ) -> AdapterInfo:
         return self._parse(await self._send(self._register(name, path, upload)), AdapterInfo)
 
-    async def list_adapters(self) -> list[AdapterInfo]:
-        return self._parse(await self._send(_Request("GET", "/v1/adapters")), AdapterList).adapters
+    async def list_adapters(self) -> AdapterInfoList:
+        response = await self._send(_Request("GET", "/v1/adapters"))
+        return AdapterInfoList(self._parse(response, AdapterList).adapters)
 
     async def get_adapter(self, name: str) -> AdapterInfo:
         return self._parse(await self._send(_Request("GET", _adapter_path(name))), AdapterInfo)
@@ -1099,6 +1300,23 @@ class AsyncLoraSaeClient(_Core):
 
     async def health(self) -> HealthResponse:
         return self._parse(await self._send(_Request("GET", "/readyz")), HealthResponse)
+
+    async def wait_ready(self, timeout: float = 120.0, interval: float = 0.25) -> HealthResponse:
+        """``LoraSaeClient.wait_ready``, awaitable."""
+        wait = _ReadyWait(self.base_url, timeout)
+        while True:
+            try:
+                if self._owns_http:
+                    timeout_s = wait.request_timeout(self.timeout)
+                    response = await self._http.get("/readyz", headers=self._headers(), timeout=timeout_s)
+                else:
+                    response = await self._http.get("/readyz", headers=self._headers())
+                if response.status_code == 200:
+                    return self._parse(response, HealthResponse)
+                wait.answered(response)
+            except httpx.TransportError as exc:
+                wait.failed(exc)
+            await asyncio.sleep(wait.delay(interval))
 
     async def aclose(self) -> None:
         if self._owns_http:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from . import display
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -146,6 +148,12 @@ class FeaturesResponse(_Model):
     saes: list[SaeInfo]
     results: list[InputResult]
     warnings: list[ResponseWarning] = Field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return display.features_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.features_html(self)
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per (input, token, SAE, latent): a long table for notebooks (needs pandas).
@@ -349,6 +357,12 @@ class GenerateResponse(_Model):
     usage: GenerationUsage
     warnings: list[ResponseWarning] = Field(default_factory=list)
 
+    def __repr__(self) -> str:
+        return display.generate_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.generate_html(self)
+
     def to_pandas(self) -> pd.DataFrame:
         """One row per generated token (needs pandas). Columns: prompt, variant, step, token_id,
         token, kl (the treatment's, else NaN)."""
@@ -457,6 +471,12 @@ class LatentRecord(_Model):
     logit_lens: TokenEffects
     causal_effect: CausalEffect
 
+    def __repr__(self) -> str:
+        return display.latent_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.latent_html(self)
+
     def to_pandas(self) -> pd.DataFrame:
         """One row per context (top, then quantile samples): kind, interval, sequence, position,
         activation and the window's text with the context token in [[brackets]] (needs pandas)."""
@@ -490,6 +510,12 @@ class LatentSearchResponse(_Model):
     adapter: str | None = None
     total: int
     latents: list[LatentSummary]
+
+    def __repr__(self) -> str:
+        return display.search_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.search_html(self)
 
     def to_pandas(self) -> pd.DataFrame:
         pd = _pandas()
@@ -607,6 +633,12 @@ class DriftReport(_Model):
     offset: int
     latents: list[DriftLatent]
 
+    def __repr__(self) -> str:
+        return display.drift_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.drift_html(self)
+
     def to_pandas(self) -> pd.DataFrame:
         """One row per latent of the page, most drifted first: the fields of ``DriftLatent`` (null
         statistics as NaN), ``sides`` joined with "+" ("input+output", "" for none) and each token
@@ -686,9 +718,21 @@ class AdapterInfo(_Model):
     error: str | None = None
     eval_after: dict[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        return display.adapter_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.adapter_html(self)
+
 
 class AdapterList(_Model):
     adapters: list[AdapterInfo]
+
+    def __repr__(self) -> str:
+        return display.adapters_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.adapter_list_html(self)
 
 
 # ------------------------------------------------------------------ health / errors
