@@ -3,8 +3,8 @@
 Each input sequence is one queued row. The batcher takes the oldest row, waits at most
 ``max_wait_ms`` from that row's arrival for more rows that can share its forward (same spliced SAEs;
 adapters may differ: peft mixes them per row), up to ``max_batch`` rows, ``max_batch_tokens``
-padded tokens and ``max_adapters`` distinct adapters (the most the model holds at once: rows past
-it wait for the next batch), and runs the batch on the engine thread. Queued rows pin their
+padded tokens and ``max_loaded_adapters`` distinct adapters (the most the model holds at once:
+rows past it wait for the next batch), and runs the batch on the engine thread. Queued rows pin their
 adapters, so loading another batch's adapters evicts them last (``residency``). While a batch
 runs the next one gathers. The queue is bounded in rows: past ``max_queue`` a request is refused
 at once (429 + Retry-After), so memory never grows without bound.
@@ -41,13 +41,11 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queue: int,
-        max_adapters: int | None = None,
         retry_after_s: int = 1,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
-        self.max_adapters = max_adapters or engine.residency.max_hot
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -129,7 +127,7 @@ class Batcher:
         if len(batch) >= self.max_batch:
             return False
         adapter = item.row.adapter
-        if adapter is not None and adapter not in adapters and len(adapters) >= self.max_adapters:
+        if adapter is not None and adapter not in adapters and len(adapters) >= self.engine.residency.max_hot:
             return False
         new_width = max(width, len(item.row.ids))
         return (len(batch) + 1) * new_width <= self.max_batch_tokens

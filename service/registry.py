@@ -58,7 +58,7 @@ from .archive import remove_tree, unpack_adapter
 from .engine import Engine, ValidatedAdapter
 from .errors import ServiceError, not_found, shown
 from .metrics import Metrics
-from .registry_store import RegistryStore, Row, SqliteStore, new_uid
+from .registry_store import RegistryStore, Row, new_uid
 
 log = logging.getLogger("lorasae.service")
 
@@ -78,31 +78,25 @@ class Registry:
         self,
         engine: Engine,
         adapter_root: Path,
-        store: RegistryStore | Path,
+        store: RegistryStore,
         max_upload_bytes: int = 1 << 30,
         metrics: Metrics | None = None,
         unpack_timeout_s: float = 30.0,
     ) -> None:
-        """``store``: where the rows live (a path: a SQLite file); the registry closes it."""
+        """``store``: where the rows live (``registry_store.open_store``); the registry closes it."""
         self.engine = engine
-        self.root = Path(adapter_root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.shared = store.shared  # several servers share the rows and the adapter root
         self.max_upload_bytes = max_upload_bytes
         self.unpack_timeout_s = unpack_timeout_s
         self.metrics = metrics
-        shared = not isinstance(store, str | Path) and store.shared
         try:
-            self._lock = _lock_root(self.root, shared=shared)
+            self.root = Path(adapter_root).expanduser().resolve()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock_root(self.root, shared=self.shared)
         except BaseException:
-            if not isinstance(store, str | Path):
-                store.close()
+            store.close()
             raise
-        try:
-            self.store: RegistryStore = SqliteStore(Path(store)) if isinstance(store, str | Path) else store
-        except BaseException:
-            self._lock.close()
-            raise
-        self.shared = self.store.shared  # several servers share the rows and the adapter root
         self._admin = asyncio.Lock()  # one change at a time: registrations, deletions, syncs
         self._infos: dict[str, dict] = {}
         self._uids: dict[str, str] = {}  # name -> uid of the registration loaded here
